@@ -1,0 +1,36 @@
+# Everything the project needs is installed from here: a virtualenv from PyPI and, from the npm
+# registry, anvil (local EVM node) and solc (Solidity compiler). No global installs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: setup demo test lint contracts clean
+
+setup: .setup-python .setup-node
+
+.setup-python: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+.setup-node: package.json package-lock.json
+	npm ci --no-audit --no-fund
+	touch $@
+
+demo: setup
+	$(BIN)/python example_project/run_demo.py
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+contracts: .setup-node
+	node contracts/compile.mjs
+
+clean:
+	rm -rf $(VENV) node_modules .setup-python .setup-node

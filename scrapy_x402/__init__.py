@@ -1,0 +1,23 @@
+"""scrapy-x402: pay per page in Scrapy crawls with x402."""
+
+from scrapy_x402._addon import Addon
+from scrapy_x402._config import X402Config
+from scrapy_x402._extension import X402Settlement
+from scrapy_x402._middleware import X402DownloaderMiddleware
+from scrapy_x402._protocol import Challenge, InvalidChallenge, Offer, parse_challenge
+from scrapy_x402._receipts import X402ReceiptMiddleware
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Addon",
+    "Challenge",
+    "InvalidChallenge",
+    "Offer",
+    "X402Config",
+    "X402DownloaderMiddleware",
+    "X402ReceiptMiddleware",
+    "X402Settlement",
+    "__version__",
+    "parse_challenge",
+]

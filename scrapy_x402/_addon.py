@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from scrapy_x402._extension import X402Settlement
+from scrapy_x402._middleware import X402DownloaderMiddleware
+from scrapy_x402._receipts import X402ReceiptMiddleware
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+# After RetryMiddleware (550) in the response chain, so a paid request that fails is judged
+# on its final response, and Retry resends the same payment rather than a new one.
+DOWNLOADER_MIDDLEWARE_PRIORITY = 545
+SPIDER_MIDDLEWARE_PRIORITY = 800
+EXTENSION_PRIORITY = 0
+
+
+class Addon:
+    """``ADDONS = {"scrapy_x402.Addon": 500}`` enables every scrapy-x402 component."""
+
+    def update_settings(self, settings: BaseSettings) -> None:
+        settings.setdefault_in_component_priority_dict(
+            "DOWNLOADER_MIDDLEWARES", X402DownloaderMiddleware, DOWNLOADER_MIDDLEWARE_PRIORITY
+        )
+        settings.setdefault_in_component_priority_dict(
+            "SPIDER_MIDDLEWARES", X402ReceiptMiddleware, SPIDER_MIDDLEWARE_PRIORITY
+        )
+        settings.setdefault_in_component_priority_dict(
+            "EXTENSIONS", X402Settlement, EXTENSION_PRIORITY
+        )

@@ -1,0 +1,102 @@
+"""Settings, read once into a frozen dataclass."""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from scrapy.settings import BaseSettings
+from scrapy.utils.job import job_dir
+
+from scrapy_x402._assets import AssetTable
+from scrapy_x402._networks import normalize_network
+
+LEDGER_FILENAME = "x402-ledger.sqlite3"
+
+
+def parse_usd(value: Any, name: str) -> Decimal:
+    """A USD amount from a setting or meta key: str, int or Decimal; never a float."""
+    if isinstance(value, float):
+        raise ValueError(f"{name} must be a string such as \"0.10\", not a float ({value!r})")
+    try:
+        usd = Decimal(str(value).strip().removeprefix("$"))
+    except decimal.InvalidOperation:
+        raise ValueError(f"{name} must be a USD amount such as \"2.50\", got {value!r}") from None
+    if not usd.is_finite() or usd < 0:
+        raise ValueError(f"{name} must be a non-negative USD amount, got {value!r}")
+    return usd
+
+
+@dataclass(frozen=True)
+class X402Config:
+    enabled: bool = True
+    allow_mainnet: bool = False
+    assets: AssetTable = field(default_factory=lambda: AssetTable({}))
+    budgets: Mapping[str, Decimal] = field(default_factory=dict)
+    close_on_budget_exhausted: bool = False
+    debug: bool = False
+    default_budget: Decimal = Decimal(0)
+    item_receipt_field: str | None = None
+    keystore_password_env: str = "X402_KEYSTORE_PASSWORD"
+    keystore_path: str | None = None
+    ledger_uri: str = LEDGER_FILENAME
+    max_payment_attempts: int = 1
+    max_price: Decimal = Decimal("0.10")
+    max_timeout_seconds: int = 300
+    max_total: Decimal | None = None
+    networks: frozenset[str] | None = None
+    priority_adjust: int = 1
+    private_key: str | None = field(default=None, repr=False)
+    rpc_urls: Mapping[str, str] = field(default_factory=dict)
+    schemes: tuple[str, ...] = ("deferred",)
+    settle_on_close: bool = True
+    settlement_timeout: int = 120
+    jobdir: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: BaseSettings) -> X402Config:
+        jobdir = job_dir(settings)
+        ledger_uri = settings.get("X402_LEDGER_URI") or str(
+            Path(jobdir) / LEDGER_FILENAME if jobdir else LEDGER_FILENAME
+        )
+        max_total = settings.get("X402_MAX_TOTAL")
+        networks = settings.getlist("X402_NETWORKS")
+        return cls(
+            enabled=settings.getbool("X402_ENABLED", True),
+            allow_mainnet=settings.getbool("X402_ALLOW_MAINNET"),
+            assets=AssetTable(settings.getdict("X402_ASSETS")),
+            budgets={
+                pattern.lower(): parse_usd(v, f"X402_BUDGETS[{pattern!r}]")
+                for pattern, v in settings.getdict("X402_BUDGETS").items()
+            },
+            close_on_budget_exhausted=settings.getbool("X402_CLOSE_ON_BUDGET_EXHAUSTED"),
+            debug=settings.getbool("X402_DEBUG"),
+            default_budget=parse_usd(settings.get("X402_DEFAULT_BUDGET", "0"), "X402_DEFAULT_BUDGET"),
+            item_receipt_field=settings.get("X402_ITEM_RECEIPT_FIELD") or None,
+            keystore_password_env=settings.get("X402_KEYSTORE_PASSWORD_ENV", "X402_KEYSTORE_PASSWORD"),
+            keystore_path=settings.get("X402_KEYSTORE_PATH") or None,
+            ledger_uri=ledger_uri,
+            max_payment_attempts=settings.getint("X402_MAX_PAYMENT_ATTEMPTS", 1),
+            max_price=parse_usd(settings.get("X402_MAX_PRICE", "0.10"), "X402_MAX_PRICE"),
+            max_timeout_seconds=settings.getint("X402_MAX_TIMEOUT_SECONDS", 300),
+            max_total=None if max_total in (None, "") else parse_usd(max_total, "X402_MAX_TOTAL"),
+            networks=frozenset(_network(n) for n in networks) if networks else None,
+            priority_adjust=settings.getint("X402_PRIORITY_ADJUST", 1),
+            private_key=settings.get("X402_PRIVATE_KEY") or None,
+            rpc_urls={_network(n): url for n, url in settings.getdict("X402_RPC_URLS").items()},
+            schemes=tuple(settings.getlist("X402_SCHEMES", ["deferred"])),
+            settle_on_close=settings.getbool("X402_SETTLE_ON_CLOSE", True),
+            settlement_timeout=settings.getint("X402_SETTLEMENT_TIMEOUT", 120),
+            jobdir=jobdir,
+        )
+
+
+def _network(name: str) -> str:
+    network = normalize_network(name)
+    if network is None:
+        raise ValueError(f"{name!r} is not a network name or CAIP-2 id (e.g. \"eip155:84532\")")
+    return network

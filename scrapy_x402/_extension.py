@@ -1,0 +1,58 @@
+"""The extension: at the end of a crawl, summarise what it spent and settle what is owed."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from scrapy import signals
+
+from scrapy_x402._session import X402Session
+from scrapy_x402._settlement import Settler
+from scrapy_x402.ledger import Status
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+
+logger = logging.getLogger(__name__)
+
+
+class X402Settlement:
+    def __init__(self, crawler: Crawler):
+        self.crawler = crawler
+        self.session = X402Session.for_crawler(crawler)
+        crawler.signals.connect(self.spider_closed, signal=signals.spider_closed)
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> X402Settlement:
+        return cls(crawler)
+
+    async def spider_closed(self, reason: str) -> None:
+        session, stats = self.session, self.crawler.stats
+        assert stats is not None
+        if not session.config.jobdir:
+            # Without JOBDIR a scheduled paid request dies with the crawl: never served.
+            session.ledger.abandon_reserved(session.run_id, "crawl ended before the response")
+        spent: dict[str, Decimal] = defaultdict(Decimal)
+        pages: dict[str, int] = defaultdict(int)
+        for row in session.ledger.summary(run_id=session.run_id):
+            if row.status in (Status.ACCEPTED, Status.SETTLING, Status.SETTLED):
+                spent[row.domain] += row.usd
+                pages[row.domain] += row.count
+        for domain in sorted(spent):
+            logger.info("x402: %s: %d paid pages, %s USD", domain, pages[domain], spent[domain])
+        stats.set_value("x402/spent_usd", str(sum(spent.values(), Decimal(0))))
+        if not session.config.settle_on_close:
+            return
+        settler = Settler(session.ledger, session.account, session.config.rpc_urls,
+                          session.config.assets, session.config.settlement_timeout)
+        # Blocking web3 calls: the crawl is over, so there is nothing left to stall.
+        for outcome in settler.settle():
+            stats.inc_value(f"x402/settlement/{outcome.status}")
+            if outcome.status == "confirmed":
+                stats.inc_value("x402/settled_payment_count", outcome.payment_count)
+            elif outcome.status == "skipped":
+                logger.warning("x402: %d payments to %s stay owed: %s", outcome.payment_count,
+                               outcome.payee, outcome.reason)

@@ -1,0 +1,234 @@
+"""The downloader middleware: answers 402s with a payment, within budget."""
+
+from __future__ import annotations
+
+import logging
+import time
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.httpobj import urlparse_cached
+
+from scrapy_x402._budget import TOTAL
+from scrapy_x402._config import parse_usd
+from scrapy_x402._networks import is_testnet
+from scrapy_x402._protocol import (
+    PAYMENT_REQUIRED,
+    Challenge,
+    InvalidChallenge,
+    Offer,
+    parse_challenge,
+    parse_receipt,
+    payment_header,
+)
+from scrapy_x402._session import X402Session
+from scrapy_x402.ledger import PaymentRecord, Status
+from scrapy_x402.schemes import SCHEMES
+
+if TYPE_CHECKING:
+    from scrapy import Request
+    from scrapy.crawler import Crawler
+    from scrapy.http import Response
+
+    from scrapy_x402._assets import Asset
+
+logger = logging.getLogger(__name__)
+
+
+class X402DownloaderMiddleware:
+    def __init__(self, crawler: Crawler):
+        self.crawler = crawler
+        self.session = X402Session.for_crawler(crawler)
+        self.config = self.session.config
+        self.stats = crawler.stats
+        self._said: set[tuple[str, ...]] = set()  # what was already logged, once per domain
+        self._closing: Any = None
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> X402DownloaderMiddleware:
+        return cls(crawler)
+
+    async def process_response(self, request: Request, response: Response) -> Request | Response:
+        if "_x402_payment" in request.meta:
+            return self._paid_response(request, response)
+        if response.status != 402 or request.meta.get("x402_dont_pay"):
+            return response
+        return self._pay(request, response)
+
+    async def process_exception(self, request: Request, exception: Exception) -> None:
+        # Reached only once RetryMiddleware gave up: the page was never served.
+        if "_x402_payment" in request.meta:
+            self._release(request, Status.FAILED, type(exception).__name__)
+
+    # -- paying ----------------------------------------------------------------------
+
+    def _pay(self, request: Request, response: Response) -> Request | Response:
+        domain = urlparse_cached(request).hostname or ""
+        try:
+            challenge = parse_challenge(response.headers.get(PAYMENT_REQUIRED), response.body)
+        except InvalidChallenge as e:
+            self._inc("x402/invalid_challenge")
+            self._once(logging.WARNING, ("invalid", domain),
+                       "x402: unreadable payment terms from %s (%s); not paying", domain, e.reason)
+            return response
+        if challenge.dropped:
+            self._inc("x402/invalid_offer", len(challenge.dropped))
+        attempts = request.meta.get("_x402_attempts", 0)
+        if attempts >= self.config.max_payment_attempts:
+            self._inc("x402/max_attempts_reached")
+            return response
+        try:
+            max_price = parse_usd(request.meta.get("x402_max_price", self.config.max_price),
+                                  "meta['x402_max_price']")
+        except ValueError as e:
+            logger.error("x402: %s (%s); not paying", e, request)
+            return response
+        choice = self._choose(challenge, max_price, domain)
+        if choice is None:
+            return response
+        offer, asset, usd = choice
+        budgets = self.session.budgets
+        key = budgets.key_for(domain)
+        refused = budgets.reserve(key, usd)
+        if refused is not None:
+            self._budget_exceeded(domain, refused)
+            return response
+        try:
+            signed = SCHEMES[offer.scheme].sign(
+                self.session.account, offer, offer.resource or request.url, int(time.time()),
+                self.config.max_timeout_seconds,
+            )
+            header, value = payment_header(challenge, offer, signed.payload)
+            # Recorded before the paid request leaves: a crash can never lose a signature.
+            self.session.ledger.add(PaymentRecord(
+                id=signed.id, run_id=self.session.run_id, scheme=offer.scheme,
+                network=offer.network, asset=offer.asset, payer=self.session.account.address,
+                payee=offer.pay_to, amount=offer.amount, usd=usd, domain=domain,
+                budget_key=key, url=request.url, payload=signed.payload,
+                valid_until=signed.valid_until,
+            ))
+        except Exception:
+            budgets.release(key, usd)
+            self._inc("x402/payment_error")
+            logger.exception("x402: could not sign or record a payment for %s; not paying", request)
+            return response
+        self._inc("x402/payment_signed")
+        log = logger.info if self.config.debug else logger.debug
+        log("x402: paying %s (%s USD) to %s on %s for %s", asset.format(offer.amount), usd,
+            offer.pay_to, offer.network, request.url)
+        paid = request.replace(
+            dont_filter=True, priority=request.priority + self.config.priority_adjust
+        )
+        paid.headers[header] = value
+        paid.meta.update(_x402_payment=signed.id, _x402_attempts=attempts + 1,
+                         _x402_reserved=(key, str(usd)))
+        paid.meta["x402_payment"] = {
+            "id": signed.id, "status": Status.RESERVED, "scheme": offer.scheme,
+            "network": offer.network, "asset": offer.asset, "payee": offer.pay_to,
+            "amount": str(offer.amount), "usd": str(usd),
+        }
+        return paid
+
+    def _choose(self, challenge: Challenge, max_price: Decimal,
+                domain: str) -> tuple[Offer, Asset, Decimal] | None:
+        """The cheapest offer the settings allow, in USD; None if no offer is acceptable."""
+        best: tuple[Offer, Asset, Decimal] | None = None
+        refusals = []
+        for offer in challenge.offers:
+            reason, asset = self._refusal(offer)
+            if asset is not None:
+                usd = asset.to_usd(offer.amount)
+                if usd > max_price:
+                    reason = "max_price"
+                elif best is None or usd < best[2]:
+                    best = (offer, asset, usd)
+            if reason:
+                refusals.append(reason)
+                self._inc(f"x402/offer_refused/{reason}")
+        if best is None:
+            self._inc("x402/no_acceptable_offer")
+            self._once(logging.INFO, ("refused", domain, *refusals),
+                       "x402: no acceptable offer from %s (refused: %s); not paying",
+                       domain, ", ".join(refusals))
+        return best
+
+    def _refusal(self, offer: Offer) -> tuple[str | None, Asset | None]:
+        scheme = SCHEMES.get(offer.scheme)
+        if offer.scheme not in self.config.schemes or scheme is None or not scheme.supports(offer):
+            return "scheme", None
+        if self.config.networks is not None and offer.network not in self.config.networks:
+            return "network", None
+        if not is_testnet(offer.network) and not self.config.allow_mainnet:
+            return "mainnet", None
+        asset = self.config.assets.get(offer.network, offer.asset)
+        if asset is None:
+            return "asset", None
+        return None, asset
+
+    def _budget_exceeded(self, domain: str, refused: str) -> None:
+        self._inc(f"x402/budget_exceeded/{domain}")
+        if refused == TOTAL:
+            self._inc("x402/max_total_exceeded")
+            self._once(logging.WARNING, ("total",),
+                       "x402: X402_MAX_TOTAL (%s USD) is spent; not paying any more pages",
+                       self.config.max_total)
+            if self.config.close_on_budget_exhausted and self._closing is None:
+                self._closing = deferred_from_coro(
+                    self.crawler.engine.close_spider_async(reason="x402_budget_exhausted")
+                )
+        else:
+            budgets = self.session.budgets
+            self._once(logging.WARNING, ("budget", refused),
+                       "x402: the budget for %s (%s USD) is spent; not paying more pages there",
+                       refused, budgets.limit(refused))
+
+    # -- after paying ------------------------------------------------------------------
+
+    def _paid_response(self, request: Request, response: Response) -> Request | Response:
+        domain = urlparse_cached(request).hostname or ""
+        receipt = parse_receipt(response.headers)
+        if 200 <= response.status < 300:
+            payment_id = request.meta.pop("_x402_payment")
+            key, usd = request.meta.pop("_x402_reserved")
+            if self.session.ledger.resolve(payment_id, Status.ACCEPTED, receipt=receipt or {}):
+                self._inc("x402/payment_count")
+                self._inc(f"x402/payment_count/{domain}")
+                spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(usd)
+                self.stats.set_value(f"x402/spent_usd/{domain}", str(spent))
+                request.meta["x402_payment"].update(status=Status.ACCEPTED, receipt=receipt)
+            return response
+        if response.status == 402:
+            reason = str((receipt or {}).get("errorReason") or _challenge_error(response) or "refused")
+            self._release(request, Status.REJECTED, reason)
+            self._once(logging.WARNING, ("rejected", domain, reason),
+                       "x402: %s refused a payment (%s); the 402 is passed on", domain, reason)
+            if request.meta.get("_x402_attempts", 0) < self.config.max_payment_attempts:
+                return self._pay(request, response)
+            return response
+        self._release(request, Status.FAILED, f"http_{response.status}")
+        return response
+
+    def _release(self, request: Request, status: str, reason: str) -> None:
+        """The payment was not accepted, so it is never settled: free its reservation."""
+        payment_id = request.meta.pop("_x402_payment")
+        key, usd = request.meta.pop("_x402_reserved")
+        if self.session.ledger.resolve(payment_id, status, reason=reason[:200]):
+            self.session.budgets.release(key, Decimal(usd))
+        self._inc(f"x402/payment_{status}/{reason[:64]}")
+        request.meta["x402_payment"].update(status=status, reason=reason)
+
+    def _inc(self, key: str, count: int = 1) -> None:
+        self.stats.inc_value(key, count)
+
+    def _once(self, level: int, key: tuple[str, ...], msg: str, *args: Any) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            logger.log(level, msg, *args)
+
+
+def _challenge_error(response: Response) -> str | None:
+    try:
+        return parse_challenge(response.headers.get(PAYMENT_REQUIRED), response.body).error
+    except InvalidChallenge:
+        return None

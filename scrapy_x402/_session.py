@@ -1,0 +1,79 @@
+"""What the x402 components of one crawler share: config, wallet, ledger and budgets."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+from weakref import WeakKeyDictionary
+
+from scrapy import signals
+from scrapy.exceptions import NotConfigured
+
+from scrapy_x402._budget import Budgets
+from scrapy_x402._config import X402Config
+from scrapy_x402._wallet import load_account
+from scrapy_x402.ledger import open_ledger
+
+if TYPE_CHECKING:
+    from scrapy.crawler import Crawler
+
+logger = logging.getLogger(__name__)
+
+RUN_ID_FILE = "x402-run-id"
+
+
+class X402Session:
+    _by_crawler: ClassVar[WeakKeyDictionary[Crawler, X402Session]] = WeakKeyDictionary()
+
+    @classmethod
+    def for_crawler(cls, crawler: Crawler) -> X402Session:
+        if crawler not in cls._by_crawler:
+            cls._by_crawler[crawler] = cls(crawler)
+        return cls._by_crawler[crawler]
+
+    def __init__(self, crawler: Crawler):
+        config = X402Config.from_settings(crawler.settings)
+        if not config.enabled:
+            raise NotConfigured("X402_ENABLED is False")
+        account = load_account(config)
+        if account is None:
+            raise NotConfigured(
+                "no wallet key: set X402_PRIVATE_KEY (setting or environment variable) "
+                "or X402_KEYSTORE_PATH"
+            )
+        self.config = config
+        self.account = account
+        self.ledger = open_ledger(config.ledger_uri)
+        # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
+        # what it already spent.
+        self.run_id = _run_id(config.jobdir)
+        self.budgets = Budgets(
+            config.budgets, config.default_budget, config.max_total,
+            self.ledger.spent_by_budget(self.run_id),
+        )
+        crawler.signals.connect(self.ledger.close, signals.engine_stopped)
+        from scrapy_x402 import __version__
+
+        logger.info(
+            "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
+            __version__, account.address,
+            {k: str(v) for k, v in config.budgets.items()}, config.default_budget,
+            config.max_total if config.max_total is not None else "unlimited",
+            config.ledger_uri, self.run_id,
+        )
+        if config.allow_mainnet:
+            logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")
+
+
+def _run_id(jobdir: str | None) -> str:
+    if not jobdir:
+        return uuid.uuid4().hex
+    path = Path(jobdir) / RUN_ID_FILE
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex
+    path.write_text(run_id)
+    return run_id

@@ -1,0 +1,282 @@
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+
+class Status:
+    RESERVED = "reserved"  # signed and written; the paid request may be in flight
+    ACCEPTED = "accepted"  # the publisher served the page: owed
+    REJECTED = "rejected"  # the publisher refused it (402): never paid
+    FAILED = "failed"  # no success response: not accepted, never paid
+    SETTLING = "settling"  # in a settlement transaction not yet confirmed
+    SETTLED = "settled"  # paid on-chain
+
+    COUNTED = (RESERVED, ACCEPTED, SETTLING, SETTLED)  # what budgets count as spent
+
+
+@dataclass(frozen=True)
+class PaymentRecord:
+    id: str
+    run_id: str
+    scheme: str
+    network: str
+    asset: str
+    payer: str
+    payee: str
+    amount: int
+    usd: Decimal
+    domain: str
+    budget_key: str
+    url: str
+    payload: dict[str, Any]
+    valid_until: int
+
+
+@dataclass(frozen=True)
+class OwedTotal:
+    network: str
+    asset: str
+    payer: str
+    payee: str
+    amount: int
+    payment_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Settlement:
+    id: str  # the transaction hash
+    network: str
+    asset: str
+    payer: str
+    payee: str
+    amount: int
+    payment_count: int
+    status: str  # pending, confirmed, failed
+    raw_tx: str  # signed, so a crashed settlement can be re-broadcast unchanged
+    tx_nonce: int
+    reason: str | None = None
+
+
+@dataclass
+class SummaryRow:
+    domain: str
+    payee: str
+    network: str
+    asset: str
+    status: str
+    count: int = 0
+    amount: int = 0
+    usd: Decimal = Decimal(0)
+
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS x402_payments (
+        id VARCHAR(66) PRIMARY KEY,
+        run_id VARCHAR(64) NOT NULL,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        scheme VARCHAR(32) NOT NULL,
+        network VARCHAR(64) NOT NULL,
+        asset VARCHAR(128) NOT NULL,
+        payer VARCHAR(128) NOT NULL,
+        payee VARCHAR(128) NOT NULL,
+        amount VARCHAR(80) NOT NULL,
+        usd VARCHAR(120) NOT NULL,
+        domain VARCHAR(255) NOT NULL,
+        budget_key VARCHAR(255) NOT NULL,
+        url TEXT NOT NULL,
+        valid_until BIGINT NOT NULL,
+        payload TEXT NOT NULL,
+        receipt TEXT,
+        reason TEXT,
+        settlement_id VARCHAR(66)
+    )""",
+    "CREATE INDEX IF NOT EXISTS x402_payments_owed ON x402_payments (status, network, asset, payee)",
+    "CREATE INDEX IF NOT EXISTS x402_payments_run ON x402_payments (run_id)",
+    """CREATE TABLE IF NOT EXISTS x402_settlements (
+        id VARCHAR(66) PRIMARY KEY,
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL,
+        status VARCHAR(16) NOT NULL,
+        network VARCHAR(64) NOT NULL,
+        asset VARCHAR(128) NOT NULL,
+        payer VARCHAR(128) NOT NULL,
+        payee VARCHAR(128) NOT NULL,
+        amount VARCHAR(80) NOT NULL,
+        payment_count INTEGER NOT NULL,
+        raw_tx TEXT NOT NULL,
+        tx_nonce BIGINT NOT NULL,
+        reason TEXT
+    )""",
+]
+
+_SETTLEMENT_COLUMNS = (
+    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, "
+    "tx_nonce, reason"
+)
+
+
+class Ledger(ABC):
+    """Portable SQL over a DB-API connection with ``?`` placeholders."""
+
+    @abstractmethod
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement and return its cursor."""
+
+    @abstractmethod
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Group statements atomically (and durably on exit)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _create_schema(self) -> None:
+        with self._transaction():
+            for statement in SCHEMA:
+                self._execute(statement)
+
+    # -- payments ------------------------------------------------------------------
+
+    def add(self, p: PaymentRecord) -> None:
+        now = int(time.time())
+        with self._transaction():
+            self._execute(
+                "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
+                "network, asset, payer, payee, amount, usd, domain, budget_key, url, valid_until, "
+                "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (p.id, p.run_id, now, now, Status.RESERVED, p.scheme, p.network, p.asset,
+                 p.payer, p.payee, str(p.amount), str(p.usd), p.domain, p.budget_key, p.url,
+                 p.valid_until, json.dumps(p.payload, sort_keys=True)),
+            )
+
+    def resolve(self, payment_id: str, status: str, *, receipt: dict[str, Any] | None = None,
+                reason: str | None = None) -> bool:
+        """Move a reserved payment to accepted, rejected or failed; False if it was not reserved."""
+        with self._transaction():
+            cursor = self._execute(
+                "UPDATE x402_payments SET status = ?, receipt = ?, reason = ?, updated_at = ? "
+                "WHERE id = ? AND status = ?",
+                (status, json.dumps(receipt, sort_keys=True) if receipt is not None else None,
+                 reason, int(time.time()), payment_id, Status.RESERVED),
+            )
+            return bool(cursor.rowcount == 1)
+
+    def get_status(self, payment_id: str) -> str | None:
+        row = self._execute("SELECT status FROM x402_payments WHERE id = ?", (payment_id,)).fetchone()
+        return row[0] if row else None
+
+    def spent_by_budget(self, run_id: str) -> dict[str, Decimal]:
+        """USD counted against each budget by one run (reserved, owed or paid)."""
+        placeholders = ", ".join("?" for _ in Status.COUNTED)
+        spent: dict[str, Decimal] = defaultdict(Decimal)
+        for key, usd in self._execute(
+            f"SELECT budget_key, usd FROM x402_payments WHERE run_id = ? AND status IN ({placeholders})",
+            (run_id, *Status.COUNTED),
+        ):
+            spent[key] += Decimal(usd)
+        return dict(spent)
+
+    def owed(self, payer: str) -> list[OwedTotal]:
+        """Accepted payments not yet in a settlement, totalled per (network, asset, payee)."""
+        groups: dict[tuple[str, str, str], list[tuple[str, int]]] = defaultdict(list)
+        for pid, network, asset, payee, amount in self._execute(
+            "SELECT id, network, asset, payee, amount FROM x402_payments "
+            "WHERE payer = ? AND status = ? AND settlement_id IS NULL ORDER BY id",
+            (payer, Status.ACCEPTED),
+        ):
+            groups[(network, asset, payee)].append((pid, int(amount)))
+        return [
+            OwedTotal(network, asset, payer, payee, sum(a for _, a in rows),
+                      tuple(pid for pid, _ in rows))
+            for (network, asset, payee), rows in sorted(groups.items())
+        ]
+
+    def abandon_reserved(self, run_id: str, reason: str) -> int:
+        """Mark a finished run's still-reserved payments failed: they were never served."""
+        with self._transaction():
+            return int(self._execute(
+                "UPDATE x402_payments SET status = ?, reason = ?, updated_at = ? "
+                "WHERE run_id = ? AND status = ?",
+                (Status.FAILED, reason, int(time.time()), run_id, Status.RESERVED),
+            ).rowcount)
+
+    def summary(self, run_id: str | None = None) -> list[SummaryRow]:
+        """Count, amount and USD per (domain, payee, network, asset, status)."""
+        sql = "SELECT domain, payee, network, asset, status, amount, usd FROM x402_payments"
+        params: tuple[str, ...] = ()
+        if run_id is not None:
+            sql, params = sql + " WHERE run_id = ?", (run_id,)
+        rows: dict[tuple[str, ...], SummaryRow] = {}
+        for domain, payee, network, asset, status, amount, usd in self._execute(sql, params):
+            key = (domain, payee, network, asset, status)
+            row = rows.setdefault(key, SummaryRow(*key))
+            row.count += 1
+            row.amount += int(amount)
+            row.usd += Decimal(usd)
+        return [rows[k] for k in sorted(rows)]
+
+    # -- settlements ----------------------------------------------------------------
+
+    def begin_settlement(self, s: Settlement, payment_ids: Sequence[str]) -> None:
+        """Record a signed, not yet broadcast transfer and the payments it covers."""
+        now = int(time.time())
+        with self._transaction():
+            self._execute(
+                f"INSERT INTO x402_settlements ({_SETTLEMENT_COLUMNS}, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (s.id, s.network, s.asset, s.payer, s.payee, str(s.amount), s.payment_count,
+                 "pending", s.raw_tx, s.tx_nonce, None, now, now),
+            )
+            for pid in payment_ids:
+                cursor = self._execute(
+                    "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
+                    "WHERE id = ? AND status = ? AND settlement_id IS NULL",
+                    (Status.SETTLING, s.id, now, pid, Status.ACCEPTED),
+                )
+                if cursor.rowcount != 1:
+                    raise RuntimeError(f"payment {pid} is no longer owed; settlement aborted")
+
+    def finish_settlement(self, settlement_id: str, confirmed: bool, reason: str | None = None) -> None:
+        """Confirmed: its payments are settled. Failed: they are owed again."""
+        now = int(time.time())
+        with self._transaction():
+            self._execute(
+                "UPDATE x402_settlements SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
+                ("confirmed" if confirmed else "failed", reason, now, settlement_id),
+            )
+            if confirmed:
+                self._execute(
+                    "UPDATE x402_payments SET status = ?, updated_at = ? WHERE settlement_id = ?",
+                    (Status.SETTLED, now, settlement_id),
+                )
+            else:
+                self._execute(
+                    "UPDATE x402_payments SET status = ?, settlement_id = NULL, updated_at = ? "
+                    "WHERE settlement_id = ?",
+                    (Status.ACCEPTED, now, settlement_id),
+                )
+
+    def settlements(self, status: str | None = None) -> list[Settlement]:
+        sql = f"SELECT {_SETTLEMENT_COLUMNS} FROM x402_settlements"
+        params: tuple[str, ...] = ()
+        if status:
+            sql, params = sql + " WHERE status = ?", (status,)
+        return [
+            Settlement(r[0], r[1], r[2], r[3], r[4], int(r[5]), *r[6:])
+            for r in self._execute(sql + " ORDER BY created_at, id", params)
+        ]
+
+    def payment_ids(self, settlement_id: str) -> list[str]:
+        return [r[0] for r in self._execute(
+            "SELECT id FROM x402_payments WHERE settlement_id = ? ORDER BY id", (settlement_id,)
+        )]

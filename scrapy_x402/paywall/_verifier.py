@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from eth_utils import to_checksum_address
+
+from scrapy_x402._networks import CAIP2_TO_V1, evm_chain_id, normalize_network
+from scrapy_x402._protocol import InvalidChallenge, b64json_decode
+from scrapy_x402.schemes.deferred import Commitment, InvalidCommitment, resource_hash
+
+
+class PaymentRejected(Exception):
+    """A payment the publisher must refuse; ``reason`` is the x402 errorReason."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NonceStore(Protocol):
+    def add(self, payer: str, nonce: str, valid_until: int) -> bool:
+        """Remember a nonce; False if it was already used."""
+
+
+class MemoryNonceStore:
+    """Nonces of one process. Expired commitments are rejected anyway, so their nonces
+    are forgotten and memory stays bounded by the commitments still valid."""
+
+    def __init__(self, clock: Callable[[], float] = time.time):
+        self._seen: dict[tuple[str, str], int] = {}
+        self._clock = clock
+        self._next_prune = 0.0
+
+    def add(self, payer: str, nonce: str, valid_until: int) -> bool:
+        now = self._clock()
+        if now >= self._next_prune:
+            self._seen = {k: v for k, v in self._seen.items() if v > now}
+            self._next_prune = now + 60
+        key = (payer.lower(), nonce.lower())
+        if key in self._seen:
+            return False
+        self._seen[key] = valid_until
+        return True
+
+
+class DeferredVerifier:
+    """Sells pages for ``deferred`` commitments paid to ``pay_to`` in ``asset`` on ``network``."""
+
+    scheme = "deferred"
+
+    def __init__(self, network: str, asset: str, pay_to: str, *,
+                 nonces: NonceStore | None = None, max_timeout_seconds: int = 300,
+                 extra: Mapping[str, Any] | None = None,
+                 clock: Callable[[], float] = time.time):
+        chain_id = evm_chain_id(normalize_network(network) or "")
+        if chain_id is None:
+            raise ValueError(f"{network!r} is not an eip155:N network")
+        self.network = f"eip155:{chain_id}"
+        self.chain_id = chain_id
+        self.asset = to_checksum_address(asset)
+        self.pay_to = to_checksum_address(pay_to)
+        self.nonces = nonces if nonces is not None else MemoryNonceStore(clock)
+        self.max_timeout_seconds = max_timeout_seconds
+        self.extra = dict(extra or {})
+        self._clock = clock
+
+    def offer(self, amount: int, url: str, version: int = 2) -> dict[str, Any]:
+        """One ``accepts`` entry selling ``url`` for ``amount`` atomic units."""
+        offer: dict[str, Any] = {
+            "scheme": self.scheme,
+            "network": self.network,
+            "asset": self.asset,
+            "payTo": self.pay_to,
+            "maxTimeoutSeconds": self.max_timeout_seconds,
+            "extra": self.extra,
+        }
+        if version == 1:
+            offer.update(network=CAIP2_TO_V1.get(self.network, self.network),
+                         maxAmountRequired=str(amount), resource=url, mimeType="text/html",
+                         description="")
+        else:
+            offer["amount"] = str(amount)
+        return offer
+
+    def payment_required(self, amount: int, url: str, version: int = 2,
+                         error: str = "payment required") -> dict[str, Any]:
+        """The PaymentRequired object (v2 header content, or v1 body)."""
+        terms: dict[str, Any] = {"x402Version": version, "error": error,
+                                 "accepts": [self.offer(amount, url, version)]}
+        if version == 2:
+            terms["resource"] = {"url": url, "mimeType": "text/html"}
+        return terms
+
+    def verify(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
+        """Check a ``PAYMENT-SIGNATURE`` (or v1 ``X-PAYMENT``) value for ``url`` at ``amount``.
+
+        Returns the accepted commitment (its nonce is now used) or raises PaymentRejected.
+        """
+        try:
+            payment = b64json_decode(header_value)
+        except InvalidChallenge:
+            raise PaymentRejected("invalid_payload") from None
+        if not isinstance(payment, dict) or not isinstance(payment.get("payload"), dict):
+            raise PaymentRejected("invalid_payload")
+        accepted = payment.get("accepted") if payment.get("x402Version") == 2 else payment
+        if not isinstance(accepted, dict) or accepted.get("scheme") != self.scheme:
+            raise PaymentRejected("unsupported_scheme")
+        if normalize_network(str(accepted.get("network", ""))) != self.network:
+            raise PaymentRejected("invalid_network")
+        signature = payment["payload"].get("signature")
+        try:
+            commitment = Commitment.from_json(self.chain_id, payment["payload"].get("commitment"))
+        except InvalidCommitment:
+            raise PaymentRejected("invalid_payload") from None
+        now = int(self._clock())
+        checks = [
+            (commitment.payee == self.pay_to, "wrong_payee"),
+            (commitment.token == self.asset, "wrong_token"),
+            (commitment.amount >= amount, "underpaid"),
+            (commitment.resource == resource_hash(url), "wrong_resource"),
+            (commitment.valid_until > now, "expired"),
+            (commitment.valid_until <= now + self.max_timeout_seconds + 60, "expiry_too_far"),
+        ]
+        for ok, reason in checks:
+            if not ok:
+                raise PaymentRejected(reason)
+        if not isinstance(signature, str):
+            raise PaymentRejected("invalid_signature")
+        try:
+            signer = commitment.recover_signer(signature)
+        except InvalidCommitment:
+            raise PaymentRejected("invalid_signature") from None
+        if signer != commitment.payer:
+            raise PaymentRejected("invalid_signature")
+        # Last, so only a valid commitment uses up its nonce.
+        if not self.nonces.add(commitment.payer, commitment.nonce, commitment.valid_until):
+            raise PaymentRejected("nonce_reused")
+        return commitment
+
+    def receipt(self, commitment: Commitment) -> dict[str, Any]:
+        """The SettlementResponse for an accepted commitment: nothing moved on-chain yet."""
+        return {
+            "success": True,
+            "transaction": "",
+            "network": self.network,
+            "payer": commitment.payer,
+            "amount": str(commitment.amount),
+            "extra": {"commitmentId": commitment.id},
+        }
+
+    def refusal(self, reason: str) -> dict[str, Any]:
+        return {"success": False, "errorReason": reason, "transaction": "", "network": self.network}

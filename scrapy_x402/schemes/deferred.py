@@ -1,0 +1,162 @@
+"""The ``deferred`` scheme on EVM: signed commitments now, one bulk transfer per payee later.
+
+docs/deferred-scheme.md is the specification; this module is both sides' implementation of
+its EIP-712 part: building, signing, recovering and identifying commitments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import SignableMessage, encode_typed_data
+from eth_utils import is_hex_address, keccak, to_checksum_address
+
+from scrapy_x402._networks import evm_chain_id
+from scrapy_x402._protocol import Offer
+
+DOMAIN_NAME = "x402 deferred"
+DOMAIN_VERSION = "1"
+COMMITMENT_TYPE = [
+    {"name": "payer", "type": "address"},
+    {"name": "payee", "type": "address"},
+    {"name": "token", "type": "address"},
+    {"name": "amount", "type": "uint256"},
+    {"name": "resource", "type": "bytes32"},
+    {"name": "nonce", "type": "bytes32"},
+    {"name": "validUntil", "type": "uint256"},
+]
+EIP712_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+]
+
+
+class InvalidCommitment(ValueError):
+    """A payload that is not a well-formed commitment."""
+
+
+def resource_hash(url: str) -> str:
+    return "0x" + keccak(url.encode("utf-8")).hex()
+
+
+@dataclass(frozen=True)
+class Commitment:
+    chain_id: int
+    payer: str
+    payee: str
+    token: str
+    amount: int
+    resource: str  # 0x-hex keccak256 of the resource URL
+    nonce: str  # 0x-hex, 32 bytes
+    valid_until: int  # unix seconds
+
+    def typed_data(self) -> dict[str, Any]:
+        return {
+            "types": {"EIP712Domain": EIP712_DOMAIN_TYPE, "Commitment": COMMITMENT_TYPE},
+            "primaryType": "Commitment",
+            "domain": {"name": DOMAIN_NAME, "version": DOMAIN_VERSION, "chainId": self.chain_id},
+            "message": {
+                "payer": self.payer,
+                "payee": self.payee,
+                "token": self.token,
+                "amount": self.amount,
+                "resource": bytes.fromhex(self.resource[2:]),
+                "nonce": bytes.fromhex(self.nonce[2:]),
+                "validUntil": self.valid_until,
+            },
+        }
+
+    def signable(self) -> SignableMessage:
+        return encode_typed_data(full_message=self.typed_data())
+
+    @property
+    def id(self) -> str:
+        """The EIP-712 digest: what is signed, and the commitment's id everywhere."""
+        m = self.signable()
+        return "0x" + keccak(b"\x19" + m.version + m.header + m.body).hex()
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "payer": self.payer,
+            "payee": self.payee,
+            "token": self.token,
+            "amount": str(self.amount),
+            "resource": self.resource,
+            "nonce": self.nonce,
+            "validUntil": str(self.valid_until),
+        }
+
+    @classmethod
+    def from_json(cls, chain_id: int, data: Any) -> Commitment:
+        if not isinstance(data, Mapping):
+            raise InvalidCommitment("commitment is not an object")
+        try:
+            addresses = [data[k] for k in ("payer", "payee", "token")]
+            if not all(isinstance(a, str) and is_hex_address(a) for a in addresses):
+                raise InvalidCommitment("payer, payee or token is not an address")
+            amount, valid_until = int(str(data["amount"])), int(str(data["validUntil"]))
+            resource, nonce = _bytes32(data["resource"]), _bytes32(data["nonce"])
+        except (KeyError, ValueError, TypeError):
+            raise InvalidCommitment("commitment fields are missing or malformed") from None
+        if not (0 < amount < 2**256 and 0 < valid_until < 2**64):
+            raise InvalidCommitment("amount or validUntil out of range")
+        payer, payee, token = (to_checksum_address(a) for a in addresses)
+        return cls(chain_id, payer, payee, token, amount, resource, nonce, valid_until)
+
+    def recover_signer(self, signature: str) -> str:
+        try:
+            return Account.recover_message(self.signable(), signature=signature)
+        except Exception:  # eth-keys raises several types for bad signatures
+            raise InvalidCommitment("signature cannot be recovered") from None
+
+
+def _bytes32(value: Any) -> str:
+    if not (isinstance(value, str) and value.startswith("0x") and len(value) == 66):
+        raise ValueError("not bytes32")
+    bytes.fromhex(value[2:])
+    return value.lower()
+
+
+@dataclass(frozen=True)
+class SignedPayment:
+    id: str  # ledger id of the payment
+    payload: dict[str, Any]  # the scheme payload placed in the payment header
+    valid_until: int
+
+
+class DeferredScheme:
+    name = "deferred"
+
+    def supports(self, offer: Offer) -> bool:
+        return evm_chain_id(offer.network) is not None
+
+    def sign(self, account: Any, offer: Offer, resource_url: str, now: int,
+             max_timeout: int) -> SignedPayment:
+        chain_id = evm_chain_id(offer.network)
+        assert chain_id is not None
+        timeout = min(offer.max_timeout_seconds or max_timeout, max_timeout)
+        commitment = Commitment(
+            chain_id=chain_id,
+            payer=account.address,
+            payee=offer.pay_to,
+            token=offer.asset,
+            amount=offer.amount,
+            resource=resource_hash(resource_url),
+            nonce="0x" + os.urandom(32).hex(),
+            valid_until=now + timeout,
+        )
+        signed = account.sign_message(commitment.signable())
+        payload = {"signature": "0x" + signed.signature.hex().removeprefix("0x"),
+                   "commitment": commitment.to_json()}
+        return SignedPayment("0x" + signed.message_hash.hex().removeprefix("0x"), payload,
+                             commitment.valid_until)
+
+
+def settlement_reference(commitment_ids: list[str]) -> bytes:
+    """keccak256 of the sorted commitment ids a transfer pays: appended to its calldata."""
+    return keccak(b"".join(bytes.fromhex(i[2:]) for i in sorted(commitment_ids)))
