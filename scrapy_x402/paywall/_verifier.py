@@ -20,8 +20,12 @@ class PaymentRejected(Exception):
 
 
 class NonceStore(Protocol):
-    def add(self, payer: str, nonce: str, valid_until: int) -> bool:
-        """Remember a nonce; False if it was already used."""
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
+        """Bind a payer's nonce to a commitment; False if it is bound to another one.
+
+        The same commitment may be presented again (a client retrying after a 5xx): it
+        is accepted again, and it is still one commitment, settled once.
+        """
 
 
 class MemoryNonceStore:
@@ -29,20 +33,17 @@ class MemoryNonceStore:
     are forgotten and memory stays bounded by the commitments still valid."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
-        self._seen: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple[str, str], tuple[str, int]] = {}
         self._clock = clock
         self._next_prune = 0.0
 
-    def add(self, payer: str, nonce: str, valid_until: int) -> bool:
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
         now = self._clock()
         if now >= self._next_prune:
-            self._seen = {k: v for k, v in self._seen.items() if v > now}
+            self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
             self._next_prune = now + 60
-        key = (payer.lower(), nonce.lower())
-        if key in self._seen:
-            return False
-        self._seen[key] = valid_until
-        return True
+        bound = self._seen.setdefault((payer.lower(), nonce.lower()), (commitment_id, valid_until))
+        return bound[0] == commitment_id
 
 
 class DeferredVerifier:
@@ -135,7 +136,8 @@ class DeferredVerifier:
         if signer != commitment.payer:
             raise PaymentRejected("invalid_signature")
         # Last, so only a valid commitment uses up its nonce.
-        if not self.nonces.add(commitment.payer, commitment.nonce, commitment.valid_until):
+        if not self.nonces.claim(commitment.payer, commitment.nonce, commitment.id,
+                                 commitment.valid_until):
             raise PaymentRejected("nonce_reused")
         return commitment
 

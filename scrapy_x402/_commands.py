@@ -1,0 +1,155 @@
+"""``scrapy x402 settle [--dry-run]`` and ``scrapy x402 report [--json]``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from scrapy.commands import ScrapyCommand
+from scrapy.exceptions import UsageError
+
+from scrapy_x402._config import X402Config
+from scrapy_x402._settlement import Settler
+from scrapy_x402._wallet import WalletError, load_account
+from scrapy_x402.ledger import Ledger, Status, open_ledger
+
+if TYPE_CHECKING:
+    import argparse
+
+    from scrapy_x402._assets import AssetTable
+
+OWED = (Status.ACCEPTED, Status.SETTLING)
+
+
+class X402Command(ScrapyCommand):
+    requires_project = False
+    requires_crawler_process = False
+    default_settings = {"LOG_LEVEL": "INFO"}
+
+    def syntax(self) -> str:
+        return "settle [--dry-run] | report [--json]"
+
+    def short_desc(self) -> str:
+        return "Settle owed x402 payments on-chain, or report payments per payee and domain"
+
+    def add_options(self, parser: argparse.ArgumentParser) -> None:
+        super().add_options(parser)
+        parser.add_argument("--dry-run", action="store_true",
+                            help="settle: print what would be paid, send nothing")
+        parser.add_argument("--json", action="store_true", help="report: print JSON")
+        parser.add_argument("--ledger", metavar="URI", help="ledger URI (default: X402_LEDGER_URI)")
+
+    def run(self, args: list[str], opts: argparse.Namespace) -> None:
+        if len(args) != 1 or args[0] not in ("settle", "report"):
+            raise UsageError("expected `settle` or `report`")
+        assert self.settings is not None
+        config = X402Config.from_settings(self.settings)
+        ledger = open_ledger(opts.ledger or config.ledger_uri)
+        try:
+            if args[0] == "settle":
+                self.exitcode = _settle(ledger, config, opts.dry_run)
+            else:
+                print(_report_json(ledger, config.assets) if opts.json else _report_table(ledger, config.assets))
+        finally:
+            ledger.close()
+
+
+def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
+    try:
+        account = load_account(config)
+    except WalletError as e:
+        raise UsageError(str(e)) from None
+    if account is None:
+        raise UsageError("no wallet key: set X402_PRIVATE_KEY or X402_KEYSTORE_PATH")
+    outcomes = Settler(ledger, account, config.rpc_urls, config.assets,
+                       config.settlement_timeout).settle(dry_run=dry_run)
+    if not outcomes:
+        print("Nothing is owed.")
+        return 0
+    print(_table(
+        ["status", "network", "payee", "amount", "payments", "transaction / reason"],
+        [[o.status, o.network, o.payee, _amount(config.assets, o.network, o.asset, o.amount),
+          str(o.payment_count), o.tx_hash or o.reason or ""] for o in outcomes],
+    ))
+    return 1 if any(o.status in ("failed", "pending") for o in outcomes) else 0
+
+
+def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:
+    """Per (payee, domain, network, asset): pages and amounts owed, settled and refused."""
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    for r in ledger.summary():
+        key = (r.payee, r.domain, r.network, r.asset)
+        row = rows.setdefault(key, {
+            "payee": r.payee, "domain": r.domain, "network": r.network, "asset": r.asset,
+            "symbol": _symbol(assets, r.network, r.asset),
+            **{f"{k}_{f}": 0 for k in ("owed", "settled") for f in ("pages", "amount")},
+            "owed_usd": Decimal(0), "settled_usd": Decimal(0), "refused_pages": 0,
+            "reserved_pages": 0,
+        })
+        bucket = ("owed" if r.status in OWED else "settled" if r.status == Status.SETTLED
+                  else "reserved" if r.status == Status.RESERVED else "refused")
+        row[f"{bucket}_pages"] += r.count
+        if bucket in ("owed", "settled"):
+            row[f"{bucket}_amount"] += r.amount
+            row[f"{bucket}_usd"] += r.usd
+    return [rows[k] for k in sorted(rows)]
+
+
+def _report_json(ledger: Ledger, assets: AssetTable) -> str:
+    settlements = [
+        {"transaction": s.id, "status": s.status, "network": s.network, "asset": s.asset,
+         "payee": s.payee, "amount": str(s.amount), "payments": s.payment_count, "reason": s.reason}
+        for s in ledger.settlements()
+    ]
+    rows = [{k: str(v) if isinstance(v, (Decimal, int)) else v for k, v in row.items()}
+            for row in _report_rows(ledger, assets)]
+    return json.dumps({"payments": rows, "settlements": settlements}, indent=2)
+
+
+def _report_table(ledger: Ledger, assets: AssetTable) -> str:
+    rows = _report_rows(ledger, assets)
+    if not rows:
+        return "The ledger holds no payments."
+    totals: dict[str, Decimal] = defaultdict(Decimal)
+    for row in rows:
+        totals["owed"] += row["owed_usd"]
+        totals["settled"] += row["settled_usd"]
+    table = _table(
+        ["payee", "domain", "network", "paid pages", "owed", "settled", "USD owed",
+         "USD settled", "refused"],
+        [[row["payee"], row["domain"], row["network"],
+          str(row["owed_pages"] + row["settled_pages"]),
+          _amount(assets, row["network"], row["asset"], row["owed_amount"]),
+          _amount(assets, row["network"], row["asset"], row["settled_amount"]),
+          str(row["owed_usd"]), str(row["settled_usd"]), str(row["refused_pages"])]
+         for row in rows],
+    )
+    lines = [table, f"Total: {totals['owed']} USD owed, {totals['settled']} USD settled."]
+    settlements = ledger.settlements()
+    if settlements:
+        lines.append("")
+        lines.append(_table(
+            ["transaction", "status", "payee", "amount", "payments"],
+            [[s.id, s.status, s.payee, _amount(assets, s.network, s.asset, s.amount),
+              str(s.payment_count)] for s in settlements],
+        ))
+    return "\n".join(lines)
+
+
+def _symbol(assets: AssetTable, network: str, address: str) -> str:
+    asset = assets.get(network, address)
+    return asset.symbol if asset else address
+
+
+def _amount(assets: AssetTable, network: str, address: str, amount: int) -> str:
+    asset = assets.get(network, address)
+    return asset.format(amount) if asset else f"{amount} units"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""A paywalled site in a subprocess, built on scrapy_x402.paywall (Scrapy's mockserver pattern:
+the child prints its address; the parent reads it)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class MockServer:
+    def __init__(self, config: dict[str, Any], tmp_path: Path):
+        self.config_path = tmp_path / "mockserver.json"
+        self.book = tmp_path / "publisher-book.jsonl"
+        self.config_path.write_text(json.dumps({**config, "book": str(self.book)}))
+        self.url = ""
+        self._process: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> MockServer:
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tests.mockserver.site", str(self.config_path)],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        assert self._process.stdout is not None
+        self.url = self._process.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            raise RuntimeError("the mock server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        self._process.terminate()
+        self._process.wait(10)
+        self._process.stdout.close()
+
+    def accepted(self) -> list[dict[str, Any]]:
+        """The publisher's record of the commitments it accepted."""
+        if not self.book.exists():
+            return []
+        return [json.loads(line) for line in self.book.read_text().splitlines()]

@@ -1,0 +1,96 @@
+"""The mock publisher. Sections are paywalled with the package's own PaywallResource."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from scrapy_x402._protocol import b64json_encode
+from scrapy_x402.paywall import Commitment, DeferredVerifier, PaymentRejected, PaywallResource
+from scrapy_x402.paywall._resource import request_url
+
+
+class Page(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        path = request.path.decode()
+        return f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+
+
+class RefusingVerifier(DeferredVerifier):
+    """Verifies like the real one, then refuses anyway: a 402 after payment."""
+
+    def __init__(self, *args: Any, reason: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.reason = reason
+
+    def verify(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
+        super().verify(header_value, amount, url)
+        raise PaymentRejected(self.reason)
+
+
+class BadTerms(Resource):
+    """402s that no client should pay: /bad/<case>."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        case = request.postpath[0].decode() if request.postpath else ""
+        request.setResponseCode(402)
+        offer = {"scheme": "deferred", "network": "eip155:31337", "amount": "1000",
+                 "asset": "0x" + "11" * 20, "payTo": "0x" + "22" * 20}
+        headers = {
+            "not-base64": "%%% not base64 %%%",
+            "decimal-amount": b64json_encode({"x402Version": 2, "accepts": [{**offer, "amount": "0.50"}]}),
+            "negative-amount": b64json_encode({"x402Version": 2, "accepts": [{**offer, "amount": "-5"}]}),
+            "unknown-version": b64json_encode({"x402Version": 7, "accepts": [offer]}),
+            # Over the parser's 32-offer cap, under Twisted's 16 KiB header-line limit.
+            "many-offers": b64json_encode({"x402Version": 2, "accepts": [offer] * 40}),
+        }
+        if case in headers:
+            request.setHeader("PAYMENT-REQUIRED", headers[case])
+        return b"<html>payment required</html>"
+
+
+def build_site(config: dict[str, Any]) -> Site:
+    root = Resource()
+    book = open(config["book"], "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
+
+    def record(section: str):
+        def on_accept(commitment: Commitment, request: Request) -> None:
+            book.write(json.dumps({"id": commitment.id, "section": section,
+                                   "payer": commitment.payer, "payee": commitment.payee,
+                                   "amount": str(commitment.amount),
+                                   "url": request_url(request)}) + "\n")
+            book.flush()
+        return on_accept
+
+    for name, section in config["sections"].items():
+        args = (config["network"], section.get("asset", config["asset"]), section["payee"])
+        verifier = (RefusingVerifier(*args, reason=section["refuse"]) if section.get("refuse")
+                    else DeferredVerifier(*args))
+        root.putChild(name.encode(), PaywallResource(
+            Page(), verifier, int(section["price"]), x402_version=section.get("version", 2),
+            on_accept=record(name),
+        ))
+    root.putChild(b"bad", BadTerms())
+    root.putChild(b"free", Page())
+    return Site(root)
+
+
+def main() -> None:
+    with open(sys.argv[1], encoding="utf-8") as f:
+        config = json.load(f)
+    port = reactor.listenTCP(0, build_site(config), interface="127.0.0.1")  # type: ignore[attr-defined]
+    print(f"http://127.0.0.1:{port.getHost().port}", flush=True)
+    reactor.run()  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Real crawls: Scrapy in-process, the paywall in a subprocess, settlement on anvil."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from scrapy import signals
+from scrapy.utils.defer import deferred_f_from_coro_f
+from scrapy.utils.test import get_crawler
+
+from scrapy_x402.ledger import Status, open_ledger
+from tests.conftest import UrlsSpider
+from tests.mockserver import MockServer
+
+
+def sections(token, payees, **overrides: dict[str, Any]) -> dict[str, Any]:
+    config = {
+        "network": "eip155:31337",
+        "asset": token.address,
+        "sections": {
+            "news": {"payee": payees[0], "price": 10_000},  # 0.01 tUSD
+            "science": {"payee": payees[1], "price": 25_000},  # 0.025 tUSD
+        },
+    }
+    config["sections"].update(overrides)
+    return config
+
+
+async def crawl(settings: dict[str, Any], urls: list[str]) -> tuple[Any, list[dict[str, Any]]]:
+    crawler = get_crawler(UrlsSpider, settings)
+    items: list[dict[str, Any]] = []
+
+    def collect(item: dict[str, Any]) -> None:
+        items.append(item)
+
+    crawler.signals.connect(collect, signal=signals.item_scraped, weak=False)
+    await crawler.crawl_async(urls=urls)
+    return crawler, items
+
+
+def ledger_rows(settings: dict[str, Any]) -> list[tuple[str, ...]]:
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    try:
+        return list(ledger._execute("SELECT id, status, payee, amount, url, settlement_id FROM x402_payments"))
+    finally:
+        ledger.close()
+
+
+@deferred_f_from_coro_f
+async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_settings, token, payer, payees):
+    with MockServer(sections(token, payees), tmp_path) as server:
+        urls = [f"{server.url}/news/{i}" for i in range(6)] + [f"{server.url}/science/{i}" for i in range(4)]
+        urls.append(f"{server.url}/free/1")
+        crawler, items = await crawl({**x402_settings, "X402_ITEM_RECEIPT_FIELD": "x402"}, urls)
+        accepted = server.accepted()
+
+    stats = crawler.stats.get_stats()
+    assert len(items) == 11
+    assert stats["x402/payment_count"] == 10
+    assert stats["x402/spent_usd/127.0.0.1"] == "0.160000"
+    assert stats["x402/settlement/confirmed"] == 2  # two payees: two transfers
+    assert stats["x402/settled_payment_count"] == 10
+    # The payees hold exactly what their pages cost; the payer paid exactly that.
+    assert token.balance_of(payees[0]) == 6 * 10_000
+    assert token.balance_of(payees[1]) == 4 * 25_000
+    assert token.balance_of(payer.address) == 100_000_000 - 160_000
+    # The ledger and the publisher agree on every commitment.
+    rows = ledger_rows(x402_settings)
+    assert {r[1] for r in rows} == {Status.SETTLED}
+    assert sorted(r[0] for r in rows) == sorted(a["id"] for a in accepted)
+    assert len({r[5] for r in rows}) == 2
+    # Items from paid pages carry their receipt; the free page's item does not.
+    paid = [i for i in items if "/free/" not in i["url"]]
+    assert all(i["x402"]["status"] == "accepted" for i in paid)
+    assert all(i["x402"]["receipt"]["extra"]["commitmentId"] == i["x402"]["id"] for i in paid)
+    assert "x402" not in next(i for i in items if "/free/" in i["url"])
+
+
+@deferred_f_from_coro_f
+async def test_concurrent_pages_never_exceed_the_budget(tmp_path, x402_settings, token, payees):
+    # 40 pages at 0.01 under a 0.13 budget, 16 in flight at once: exactly 13 are paid.
+    settings = {**x402_settings, "X402_BUDGETS": {"127.0.0.1": "0.13"},
+                "CONCURRENT_REQUESTS": 32, "CONCURRENT_REQUESTS_PER_DOMAIN": 16,
+                "X402_SETTLE_ON_CLOSE": False}
+    with MockServer(sections(token, payees), tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(40)])
+        accepted = server.accepted()
+
+    stats = crawler.stats.get_stats()
+    assert len(items) == 13 == len(accepted)
+    assert stats["x402/payment_signed"] == 13
+    assert stats["x402/budget_exceeded/127.0.0.1"] == 27
+    amounts = [Decimal(r[3]) for r in ledger_rows(settings) if r[1] != Status.REJECTED]
+    assert sum(amounts) == 130_000
+
+
+@deferred_f_from_coro_f
+async def test_v1_body_offers_are_paid_with_x_payment(tmp_path, x402_settings, token, payees):
+    config = sections(token, payees, legacy={"payee": payees[2], "price": 5_000, "version": 1})
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl(x402_settings, [f"{server.url}/legacy/{i}" for i in range(3)])
+    assert len(items) == 3
+    assert crawler.stats.get_value("x402/payment_count") == 3
+    assert token.balance_of(payees[2]) == 15_000
+
+
+@deferred_f_from_coro_f
+async def test_refused_payment_is_released_and_not_retried(tmp_path, x402_settings, token, payees):
+    config = sections(token, payees, closed={"payee": payees[2], "price": 5_000,
+                                             "refuse": "insufficient_funds"})
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl(x402_settings, [f"{server.url}/closed/{i}" for i in range(3)])
+    stats = crawler.stats.get_stats()
+    assert items == []
+    assert stats["x402/payment_signed"] == 3  # one signature per page, no loop
+    assert stats["x402/payment_rejected/insufficient_funds"] == 3
+    assert stats["downloader/response_status_count/402"] == 6
+    assert "x402/settlement/confirmed" not in stats
+    rows = ledger_rows(x402_settings)
+    assert {r[1] for r in rows} == {Status.REJECTED}
+    assert token.balance_of(payees[2]) == 0
+
+
+@deferred_f_from_coro_f
+async def test_unpayable_402s_pass_through_and_sign_nothing(tmp_path, x402_settings, token, payees):
+    settings = {**x402_settings, "X402_BUDGETS": {"127.0.0.1": "0.01"}, "X402_MAX_PRICE": "0.02"}
+    with MockServer(sections(token, payees), tmp_path) as server:
+        bad = ["not-base64", "decimal-amount", "negative-amount", "unknown-version",
+               "many-offers", "html"]
+        urls = [f"{server.url}/bad/{case}" for case in bad]
+        urls += [f"{server.url}/science/1"]  # 0.025: over X402_MAX_PRICE
+        crawler, items = await crawl(settings, urls)
+    stats = crawler.stats.get_stats()
+    assert items == []
+    assert stats["x402/invalid_challenge"] == len(bad)
+    assert stats["x402/offer_refused/max_price"] == 1
+    assert "x402/payment_signed" not in stats
+    assert ledger_rows(settings) == []
+
+
+@deferred_f_from_coro_f
+async def test_dont_pay_and_per_request_max_price(tmp_path, x402_settings, token, payees):
+    from scrapy import Request
+
+    class MetaSpider(UrlsSpider):
+        async def start(self):
+            yield Request(self.start_urls[0], meta={"x402_dont_pay": True})
+            yield Request(self.start_urls[1], meta={"x402_max_price": "0.005"})
+            yield Request(self.start_urls[2], meta={"x402_max_price": "0.05"})
+
+    with MockServer(sections(token, payees), tmp_path) as server:
+        crawler = get_crawler(MetaSpider, x402_settings)
+        await crawler.crawl_async(urls=[f"{server.url}/news/1", f"{server.url}/news/2",
+                                        f"{server.url}/science/3"])
+    stats = crawler.stats.get_stats()
+    assert stats["x402/payment_count"] == 1  # only science/3, allowed 0.05
+    assert stats["x402/offer_refused/max_price"] == 1
+
+
+@deferred_f_from_coro_f
+async def test_resumed_crawl_keeps_counting_against_the_budget(tmp_path, x402_settings, token, payees):
+    settings = {**x402_settings, "JOBDIR": str(tmp_path / "job"),
+                "X402_BUDGETS": {"127.0.0.1": "0.05"}, "X402_SETTLE_ON_CLOSE": False}
+    del settings["X402_LEDGER_URI"]  # default: inside JOBDIR
+    with MockServer(sections(token, payees), tmp_path) as server:
+        first, _ = await crawl(settings, [f"{server.url}/news/{i}" for i in range(3)])
+        second, _ = await crawl(settings, [f"{server.url}/news/{i}" for i in range(3, 9)])
+    assert first.stats.get_value("x402/payment_count") == 3
+    assert second.stats.get_value("x402/payment_count") == 2  # 0.05 - 0.03 left
+    assert (tmp_path / "job" / "x402-ledger.sqlite3").exists()
+
+
+@deferred_f_from_coro_f
+async def test_global_cap_closes_the_spider(tmp_path, x402_settings, token, payees):
+    settings = {**x402_settings, "X402_MAX_TOTAL": "0.03", "X402_CLOSE_ON_BUDGET_EXHAUSTED": True,
+                "CONCURRENT_REQUESTS": 1, "X402_SETTLE_ON_CLOSE": False}
+    with MockServer(sections(token, payees), tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(20)])
+    assert crawler.stats.get_value("finish_reason") == "x402_budget_exhausted"
+    assert crawler.stats.get_value("x402/payment_count") == 3
+    assert len(items) == 3
+    assert json.loads(json.dumps(crawler.stats.get_value("x402/spent_usd"))) == "0.030000"
