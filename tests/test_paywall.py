@@ -1,0 +1,97 @@
+"""The publisher's verifier: every rule of docs/deferred-scheme.md has its own reason."""
+
+import pytest
+from eth_account import Account
+
+from scrapy_x402._protocol import Challenge, Offer, b64json_decode, b64json_encode, payment_header
+from scrapy_x402.paywall import DeferredVerifier, PaymentRejected
+from scrapy_x402.schemes.deferred import DeferredScheme
+
+NOW = 1_700_000_000
+TOKEN = "0x5FbDB2315678afecb367f032d93F642f64180aa3"
+PAYEE = "0x70997970C51812dc3A010C7d01b50e0d17dc79C8"
+URL = "http://pub.example/a/1"
+
+
+@pytest.fixture
+def verifier():
+    return DeferredVerifier("eip155:31337", TOKEN, PAYEE, clock=lambda: NOW)
+
+
+def pay(verifier, account=None, url=URL, now=NOW, version=2, **changes):
+    """A header as the crawler builds it, for the verifier's own offer (with changes)."""
+    raw = {**verifier.offer(1000, url, version), **changes}
+    offer = Offer("deferred", raw["network"] if ":" in raw["network"] else "eip155:31337",
+                  int(raw.get("amount", raw.get("maxAmountRequired"))), raw["asset"], raw["payTo"],
+                  60, url, {}, raw)
+    signed = DeferredScheme().sign(account or Account.create(), offer, url, now, 300)
+    challenge = Challenge(version, (offer,), {"url": url}, None, {})
+    return payment_header(challenge, offer, signed.payload)[1], signed
+
+
+def test_accepts_a_valid_commitment_and_issues_a_receipt(verifier):
+    header, signed = pay(verifier)
+    commitment = verifier.verify(header, 1000, URL)
+    assert commitment.id == signed.id
+    receipt = verifier.receipt(commitment)
+    assert receipt["success"] is True and receipt["extra"]["commitmentId"] == signed.id
+
+
+def test_accepts_v1_x_payment(verifier):
+    header, _ = pay(verifier, version=1)
+    assert verifier.verify(header, 1000, URL).amount == 1000
+
+
+def test_the_same_commitment_again_is_idempotent_but_a_reused_nonce_is_not(verifier):
+    header, _ = pay(verifier)
+    first = verifier.verify(header, 1000, URL)
+    assert verifier.verify(header, 1000, URL).id == first.id
+    forged, _ = pay(verifier)
+    payload = b64json_decode(forged)
+    payload["payload"]["commitment"]["nonce"] = first.nonce
+    payload["payload"]["commitment"]["payer"] = first.payer
+    with pytest.raises(PaymentRejected, match="invalid_signature|nonce_reused"):
+        verifier.verify(b64json_encode(payload), 1000, URL)
+
+
+@pytest.mark.parametrize(("changes", "amount", "url", "reason"), [
+    ({"payTo": "0x" + "99" * 20}, 1000, URL, "wrong_payee"),
+    ({"asset": "0x" + "98" * 20}, 1000, URL, "wrong_token"),
+    ({"network": "eip155:1"}, 1000, URL, "invalid_network"),
+    ({}, 1001, URL, "underpaid"),
+    ({}, 1000, "http://pub.example/a/2", "wrong_resource"),
+    ({"scheme": "exact"}, 1000, URL, "unsupported_scheme"),
+])
+def test_rejections(verifier, changes, amount, url, reason):
+    header, _ = pay(verifier, **changes)
+    with pytest.raises(PaymentRejected, match=reason):
+        verifier.verify(header, amount, url)
+
+
+def test_expired_commitment_is_rejected(verifier):
+    header, _ = pay(verifier, now=NOW - 3600)
+    with pytest.raises(PaymentRejected, match="expired"):
+        verifier.verify(header, 1000, URL)
+
+
+def test_commitment_for_another_chain_does_not_verify(verifier):
+    other = DeferredVerifier("eip155:84532", TOKEN, PAYEE, clock=lambda: NOW)
+    header, _ = pay(other)
+    decoded = b64json_decode(header)
+    decoded["accepted"]["network"] = "eip155:31337"  # lie about the chain in the envelope
+    with pytest.raises(PaymentRejected, match="invalid_signature"):
+        verifier.verify(b64json_encode(decoded), 1000, URL)
+
+
+def test_forged_signature_and_garbage(verifier):
+    header, _ = pay(verifier)
+    decoded = b64json_decode(header)
+    decoded["payload"]["commitment"]["amount"] = "999999"  # signed for 1000
+    with pytest.raises(PaymentRejected, match="invalid_signature"):
+        verifier.verify(b64json_encode(decoded), 1000, URL)
+    decoded["payload"]["signature"] = "0x" + "00" * 65
+    with pytest.raises(PaymentRejected, match="invalid_signature"):
+        verifier.verify(b64json_encode(decoded), 1000, URL)
+    for garbage in ("not base64!", b64json_encode([1]), b64json_encode({"x402Version": 2, "payload": {}})):
+        with pytest.raises(PaymentRejected):
+            verifier.verify(garbage, 1000, URL)

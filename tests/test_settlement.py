@@ -1,0 +1,116 @@
+"""Settlement on a real anvil node: bulk, idempotent, and safe across crashes."""
+
+from __future__ import annotations
+
+import os
+from decimal import Decimal
+
+import pytest
+from eth_account import Account
+
+from scrapy_x402._assets import AssetTable
+from scrapy_x402._settlement import Settler
+from scrapy_x402.ledger import PaymentRecord, Status, open_ledger
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    ledger = open_ledger(str(tmp_path / "ledger.sqlite3"))
+    yield ledger
+    ledger.close()
+
+
+def owe(ledger, payer, token, payee, amount, count=1):
+    ids = []
+    for _ in range(count):
+        pid = "0x" + os.urandom(32).hex()
+        ledger.add(PaymentRecord(pid, "run", "deferred", "eip155:31337", token.address,
+                                 payer.address, payee, amount, Decimal(amount) / 10**6, "a.example",
+                                 "a.example", "http://a.example/", {}, 0))
+        ledger.resolve(pid, Status.ACCEPTED, receipt={})
+        ids.append(pid)
+    return ids
+
+
+def settler(ledger, payer, chain, token, rpc=None):
+    return Settler(ledger, payer, {"eip155:31337": rpc or chain.url}, AssetTable(token.asset_setting()))
+
+
+def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 1_000, count=5)
+    owe(ledger, payer, token, payees[1], 7_000, count=2)
+    s = settler(ledger, payer, chain, token)
+    planned = s.settle(dry_run=True)
+    assert sorted((o.status, o.amount, o.payment_count) for o in planned) == [
+        ("planned", 5_000, 5), ("planned", 14_000, 2)]
+    assert token.balance_of(payees[0]) == 0  # dry run sent nothing
+    nonce_before = chain.w3.eth.get_transaction_count(payer.address)
+    outcomes = s.settle()
+    assert sorted(o.status for o in outcomes) == ["confirmed", "confirmed"]
+    assert chain.w3.eth.get_transaction_count(payer.address) == nonce_before + 2
+    assert (token.balance_of(payees[0]), token.balance_of(payees[1])) == (5_000, 14_000)
+    assert s.settle() == []
+    assert (token.balance_of(payees[0]), token.balance_of(payees[1])) == (5_000, 14_000)
+
+
+def test_transfer_carries_the_reference_of_the_commitments_it_pays(ledger, payer, chain, token, payees):
+    from scrapy_x402.paywall import settlement_reference
+
+    ids = owe(ledger, payer, token, payees[0], 1_000, count=3)
+    [outcome] = settler(ledger, payer, chain, token).settle()
+    tx = chain.w3.eth.get_transaction(outcome.tx_hash)
+    assert bytes(tx["input"])[-32:] == settlement_reference(ids)
+
+
+def test_crash_after_broadcast_before_recording_pays_once(ledger, payer, chain, token, payees):
+    ids = owe(ledger, payer, token, payees[0], 3_000, count=2)
+    s = settler(ledger, payer, chain, token)
+    owed = ledger.owed(payer.address)[0]
+    settlement = s._sign_transfer(chain.w3, owed)
+    ledger.begin_settlement(settlement, owed.payment_ids)
+    chain.w3.eth.send_raw_transaction(settlement.raw_tx)
+    # ...the process dies here. A new run reads the chain instead of paying again.
+    outcomes = settler(ledger, payer, chain, token).settle()
+    assert [(o.status, o.tx_hash) for o in outcomes] == [("confirmed", settlement.id)]
+    assert token.balance_of(payees[0]) == 6_000
+    assert {ledger.get_status(i) for i in ids} == {Status.SETTLED}
+
+
+def test_crash_before_broadcast_rebroadcasts_the_same_transaction(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 2_000)
+    owed = ledger.owed(payer.address)[0]
+    settlement = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
+    ledger.begin_settlement(settlement, owed.payment_ids)  # recorded, never sent
+    outcomes = settler(ledger, payer, chain, token).settle()
+    assert [(o.status, o.tx_hash) for o in outcomes] == [("confirmed", settlement.id)]
+    assert token.balance_of(payees[0]) == 2_000
+
+
+def test_a_replaced_transaction_is_detected_and_paid_again_once(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 4_000)
+    owed = ledger.owed(payer.address)[0]
+    stale = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
+    ledger.begin_settlement(stale, owed.payment_ids)
+    chain.transact(payer, {"to": payer.address, "value": 0})  # uses the stale nonce
+    outcomes = settler(ledger, payer, chain, token).settle()
+    assert [o.status for o in outcomes] == ["failed", "confirmed"]
+    assert token.balance_of(payees[0]) == 4_000
+
+
+def test_guards_leave_payments_owed(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 10**12)  # more than the payer holds
+    [outcome] = settler(ledger, payer, chain, token).settle()
+    assert outcome.status == "failed" and "balance" in outcome.reason
+    assert len(ledger.owed(payer.address)) == 1 and ledger.settlements() == []
+    wrong_chain = Settler(ledger, payer, {"eip155:84532": chain.url}, AssetTable({}))
+    ledger._execute("UPDATE x402_payments SET network = 'eip155:84532'")
+    [outcome] = wrong_chain.settle()
+    assert outcome.status == "failed" and "chain id 31337" in outcome.reason
+    [outcome] = Settler(ledger, payer, {}, AssetTable({})).settle()
+    assert outcome.status == "skipped" and "no RPC URL" in outcome.reason
+    assert len(ledger.owed(payer.address)) == 1
+
+
+def test_only_the_wallets_own_debts_are_settled(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 1_000)
+    assert settler(ledger, Account.create(), chain, token).settle() == []
