@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from decimal import Decimal
 from typing import Any
 
@@ -49,7 +50,8 @@ def ledger_rows(settings: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 @deferred_f_from_coro_f
-async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_settings, token, payer, payees):
+async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_settings, token, payer, payees, caplog):
+    caplog.set_level(logging.DEBUG)
     with MockServer(sections(token, payees), tmp_path) as server:
         urls = [f"{server.url}/news/{i}" for i in range(6)] + [f"{server.url}/science/{i}" for i in range(4)]
         urls.append(f"{server.url}/free/1")
@@ -76,6 +78,11 @@ async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_sett
     assert all(i["x402"]["status"] == "accepted" for i in paid)
     assert all(i["x402"]["receipt"]["extra"]["commitmentId"] == i["x402"]["id"] for i in paid)
     assert "x402" not in next(i for i in items if "/free/" in i["url"])
+    # The key is nowhere: not in any log line (DEBUG, web3's included), stat, item or file.
+    key = payer.key.hex().removeprefix("0x").lower()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    for text in (caplog.text, repr(stats), repr(items), written.decode("latin-1")):
+        assert key not in text.lower()
 
 
 @deferred_f_from_coro_f

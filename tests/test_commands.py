@@ -1,0 +1,60 @@
+"""`scrapy x402 settle` and `scrapy x402 report`, run as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.test_settlement import owe
+
+
+def scrapy(tmp_path, payer, chain, token, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "X402_PRIVATE_KEY": payer.key.hex()}
+    settings = ["-s", f"X402_LEDGER_URI={tmp_path / 'ledger.sqlite3'}",
+                "-s", "X402_RPC_URLS=" + json.dumps({"eip155:31337": chain.url}),
+                "-s", "X402_ASSETS=" + json.dumps(token.asset_setting())]
+    return subprocess.run([sys.executable, "-m", "scrapy", "x402", *args, *settings],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees):
+    from scrapy_x402.ledger import open_ledger
+
+    ledger = open_ledger(str(tmp_path / "ledger.sqlite3"))
+    owe(ledger, payer, token, payees[0], 2_500, count=4)
+    ledger.close()
+
+    dry = scrapy(tmp_path, payer, chain, token, "settle", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "planned" in dry.stdout and "0.010000 tUSD" in dry.stdout
+    assert token.balance_of(payees[0]) == 0
+
+    paid = scrapy(tmp_path, payer, chain, token, "settle")
+    assert paid.returncode == 0, paid.stderr
+    assert "confirmed" in paid.stdout
+    assert token.balance_of(payees[0]) == 10_000
+
+    again = scrapy(tmp_path, payer, chain, token, "settle")
+    assert "Nothing is owed." in again.stdout
+    assert token.balance_of(payees[0]) == 10_000
+
+    report = json.loads(scrapy(tmp_path, payer, chain, token, "report", "--json").stdout)
+    [row] = report["payments"]
+    assert (row["payee"], row["settled_pages"], row["settled_amount"], row["owed_amount"]) == (
+        payees[0], "4", "10000", "0")
+    assert report["settlements"][0]["status"] == "confirmed"
+    table = scrapy(tmp_path, payer, chain, token, "report").stdout
+    assert payees[0] in table and "Total: 0 USD owed, 0.0100 USD settled." in table
+
+    key = payer.key.hex().removeprefix("0x")
+    for run in (dry, paid, again):
+        assert key not in run.stdout + run.stderr
+
+
+def test_settle_without_a_key_is_a_usage_error(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "X402_PRIVATE_KEY"}
+    run = subprocess.run([sys.executable, "-m", "scrapy", "x402", "settle"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=60)
+    assert run.returncode == 2 and "no wallet key" in run.stderr
