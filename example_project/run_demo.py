@@ -1,0 +1,83 @@
+"""The demo, end to end on local components: `make demo` runs this.
+
+Starts anvil, deploys the test token, funds a fresh crawler wallet, starts the demo news
+site, runs `scrapy crawl news` (which pays for articles and settles when it closes), then
+prints the spend report and checks every payee's on-chain balance against what the
+publisher accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from eth_account import Account
+
+from scrapy_x402.devchain import Anvil, TestUSD
+
+HERE = Path(__file__).resolve().parent
+DEMO = HERE / ".demo"
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def main() -> int:
+    shutil.rmtree(DEMO, ignore_errors=True)
+    DEMO.mkdir()
+    with Anvil() as chain:
+        token = TestUSD.deploy(chain, chain.new_account())
+        crawler = chain.new_account()
+        token.mint(crawler.address, 5_000_000)  # 5 tUSD
+        payees = [Account.create().address for _ in range(3)]
+        banner(f"anvil at {chain.url}; tUSD at {token.address}; crawler wallet {crawler.address}")
+
+        site = subprocess.Popen(
+            [sys.executable, "demo_site.py", "--network", f"eip155:{chain.chain_id}",
+             "--token", token.address, "--payees", ",".join(payees), "--port", "0",
+             "--book", str(DEMO / "publisher-book.jsonl")],
+            cwd=HERE, stdout=subprocess.PIPE, text=True,
+        )
+        try:
+            url = site.stdout.readline().strip()
+            banner(f"demo news site at {url}; crawling")
+            env = {**os.environ, "X402_PRIVATE_KEY": crawler.key.hex(), "DEMO_RPC_URL": chain.url,
+                   "DEMO_TOKEN": token.address, "DEMO_NETWORK": f"eip155:{chain.chain_id}"}
+            crawl = subprocess.run([sys.executable, "-m", "scrapy", "crawl", "news", "-a", f"site={url}"],
+                                   cwd=HERE, env=env, capture_output=True, text=True)
+            for line in crawl.stderr.splitlines():  # the x402 lines of the crawl's log and stats
+                if "[scrapy_x402." in line or line.startswith(" 'x402/"):
+                    print(line)
+            if crawl.returncode != 0:
+                print(crawl.stderr[-3000:])
+                return crawl.returncode
+            banner("scrapy x402 report")
+            subprocess.run([sys.executable, "-m", "scrapy", "x402", "report"], cwd=HERE, env=env, check=True)
+        finally:
+            site.terminate()
+            site.wait(10)
+
+        banner("on-chain balances against the publisher's record")
+        owed: dict[str, int] = defaultdict(int)
+        for line in (DEMO / "publisher-book.jsonl").read_text().splitlines():
+            entry = json.loads(line)
+            owed[entry["payee"]] += int(entry["amount"])
+        ok = True
+        for payee in payees:
+            balance = token.balance_of(payee)
+            ok &= balance == owed[payee]
+            print(f"{payee}  accepted {owed[payee] / 1e6:.6f} tUSD  on-chain {balance / 1e6:.6f} tUSD  "
+                  f"{'OK' if balance == owed[payee] else 'MISMATCH'}")
+        items = (DEMO / "articles.jsonl").read_text().splitlines()
+        print(f"\n{len(items)} articles scraped into {DEMO / 'articles.jsonl'}, each with its payment.")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
