@@ -38,9 +38,11 @@ class Article(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         n = escape(request.postpath[0].decode() if request.postpath else "0")
-        return (f"<html><body><article data-section='{self.section}'>"
-                f"<h1>{self.section.title()} story {n}</h1><p>Paid content.</p>"
-                "</article></body></html>").encode()
+        return (
+            f"<html><body><article data-section='{self.section}'>"
+            f"<h1>{self.section.title()} story {n}</h1><p>Paid content.</p>"
+            "</article></body></html>"
+        ).encode()
 
 
 class FrontPage(Resource):
@@ -53,7 +55,8 @@ class FrontPage(Resource):
     def render_GET(self, request: Request) -> bytes:
         links = [
             f"<a class='article' href='http://{host}:{self.port}/{name}/{i}'>{name} {i}</a>"
-            for name, (_, _, count, host) in SECTIONS.items() for i in range(1, count + 1)
+            for name, (_, _, count, host) in SECTIONS.items()
+            for i in range(1, count + 1)
         ]
         return ("<html><body><h1>Demo News</h1>" + "<br>".join(links) + "</body></html>").encode()
 
@@ -70,8 +73,17 @@ def main() -> None:
     book = open(args.book, "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
 
     def on_accept(commitment, request):
-        book.write(json.dumps({"id": commitment.id, "payee": commitment.payee,
-                               "amount": str(commitment.amount), "url": request_url(request)}) + "\n")
+        book.write(
+            json.dumps(
+                {
+                    "id": commitment.id,
+                    "payee": commitment.payee,
+                    "amount": str(commitment.amount),
+                    "url": request_url(request),
+                }
+            )
+            + "\n"
+        )
         book.flush()
 
     root = Resource()
@@ -79,7 +91,9 @@ def main() -> None:
     root.putChild(b"", FrontPage(port.getHost().port))
     for name, (payee, price, _, _) in SECTIONS.items():
         verifier = DeferredVerifier(args.network, args.token, payees[payee])
-        root.putChild(name.encode(), PaywallResource(Article(name), verifier, price, on_accept=on_accept))
+        root.putChild(
+            name.encode(), PaywallResource(Article(name), verifier, price, on_accept=on_accept)
+        )
     print(f"http://127.0.0.1:{port.getHost().port}/", flush=True)
     reactor.run()
 

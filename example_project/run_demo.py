@@ -39,18 +39,41 @@ def main() -> int:
         banner(f"anvil at {chain.url}; tUSD at {token.address}; crawler wallet {crawler.address}")
 
         site = subprocess.Popen(
-            [sys.executable, "demo_site.py", "--network", f"eip155:{chain.chain_id}",
-             "--token", token.address, "--payees", ",".join(payees), "--port", "0",
-             "--book", str(DEMO / "publisher-book.jsonl")],
-            cwd=HERE, stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "demo_site.py",
+                "--network",
+                f"eip155:{chain.chain_id}",
+                "--token",
+                token.address,
+                "--payees",
+                ",".join(payees),
+                "--port",
+                "0",
+                "--book",
+                str(DEMO / "publisher-book.jsonl"),
+            ],
+            cwd=HERE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             url = site.stdout.readline().strip()
             banner(f"demo news site at {url}; crawling")
-            env = {**os.environ, "X402_PRIVATE_KEY": crawler.key.hex(), "DEMO_RPC_URL": chain.url,
-                   "DEMO_TOKEN": token.address, "DEMO_NETWORK": f"eip155:{chain.chain_id}"}
-            crawl = subprocess.run([sys.executable, "-m", "scrapy", "crawl", "news", "-a", f"site={url}"],
-                                   cwd=HERE, env=env, capture_output=True, text=True)
+            env = {
+                **os.environ,
+                "X402_PRIVATE_KEY": crawler.key.hex(),
+                "DEMO_RPC_URL": chain.url,
+                "DEMO_TOKEN": token.address,
+                "DEMO_NETWORK": f"eip155:{chain.chain_id}",
+            }
+            crawl = subprocess.run(
+                [sys.executable, "-m", "scrapy", "crawl", "news", "-a", f"site={url}"],
+                cwd=HERE,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             for line in crawl.stderr.splitlines():  # the x402 lines of the crawl's log and stats
                 if "[scrapy_x402." in line or line.startswith(" 'x402/"):
                     print(line)
@@ -58,7 +81,9 @@ def main() -> int:
                 print(crawl.stderr[-3000:])
                 return crawl.returncode
             banner("scrapy x402 report")
-            subprocess.run([sys.executable, "-m", "scrapy", "x402", "report"], cwd=HERE, env=env, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "scrapy", "x402", "report"], cwd=HERE, env=env, check=True
+            )
         finally:
             site.terminate()
             site.wait(10)
@@ -72,10 +97,14 @@ def main() -> int:
         for payee in payees:
             balance = token.balance_of(payee)
             ok &= balance == owed[payee]
-            print(f"{payee}  accepted {owed[payee] / 1e6:.6f} tUSD  on-chain {balance / 1e6:.6f} tUSD  "
-                  f"{'OK' if balance == owed[payee] else 'MISMATCH'}")
+            print(
+                f"{payee}  accepted {owed[payee] / 1e6:.6f} tUSD  on-chain {balance / 1e6:.6f} tUSD  "
+                f"{'OK' if balance == owed[payee] else 'MISMATCH'}"
+            )
         items = (DEMO / "articles.jsonl").read_text().splitlines()
-        print(f"\n{len(items)} articles scraped into {DEMO / 'articles.jsonl'}, each with its payment.")
+        print(
+            f"\n{len(items)} articles scraped into {DEMO / 'articles.jsonl'}, each with its payment."
+        )
         return 0 if ok else 1
 
 

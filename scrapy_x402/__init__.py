@@ -6,8 +6,7 @@ from scrapy_x402._extension import X402Settlement
 from scrapy_x402._middleware import X402DownloaderMiddleware
 from scrapy_x402._protocol import Challenge, InvalidChallenge, Offer, parse_challenge
 from scrapy_x402._receipts import X402ReceiptMiddleware
-
-__version__ = "0.1.0"
+from scrapy_x402._version import __version__
 
 __all__ = [
     "Addon",

@@ -27,9 +27,9 @@ class Asset:
     usd_price: Decimal  # USD per whole token
 
     def to_usd(self, atomic: int) -> Decimal:
-        return MONEY_CONTEXT.multiply(
-            Decimal(atomic), self.usd_price
-        ).scaleb(-self.decimals, MONEY_CONTEXT)
+        return MONEY_CONTEXT.multiply(Decimal(atomic), self.usd_price).scaleb(
+            -self.decimals, MONEY_CONTEXT
+        )
 
     def format(self, atomic: int) -> str:
         return f"{Decimal(atomic).scaleb(-self.decimals, MONEY_CONTEXT)} {self.symbol}"
@@ -75,7 +75,7 @@ def _declared_asset(network: str, address: str, spec: Mapping[str, Any]) -> Asse
     except (KeyError, ValueError, TypeError, decimal.InvalidOperation):
         raise ValueError(
             f"{where} must be a dict with 'symbol', 'decimals' (int) and 'usd' "
-            f"(USD per whole token, e.g. \"1\"), got {spec!r}"
+            f'(USD per whole token, e.g. "1"), got {spec!r}'
         ) from None
     if isinstance(spec["usd"], float):
         raise ValueError(f"{where}['usd'] must be a string or Decimal, not a float")

@@ -17,12 +17,15 @@ class Budgets:
     thread, so check-and-reserve is atomic however many requests are in flight.
     """
 
-    def __init__(self, limits: Mapping[str, Decimal], default: Decimal,
-                 max_total: Decimal | None, spent: Mapping[str, Decimal] | None = None):
+    def __init__(
+        self,
+        limits: Mapping[str, Decimal],
+        default: Decimal,
+        max_total: Decimal | None,
+        spent: Mapping[str, Decimal] | None = None,
+    ):
         self._limits = dict(limits)
-        self._patterns = sorted(
-            (k for k in limits if k.startswith("*.")), key=len, reverse=True
-        )
+        self._patterns = sorted((k for k in limits if k.startswith("*.")), key=len, reverse=True)
         self._default = default
         self._max_total = max_total
         self._spent: dict[str, Decimal] = dict(spent or {})

@@ -36,8 +36,9 @@ class X402Command(ScrapyCommand):
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         super().add_options(parser)
-        parser.add_argument("--dry-run", action="store_true",
-                            help="settle: print what would be paid, send nothing")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="settle: print what would be paid, send nothing"
+        )
         parser.add_argument("--json", action="store_true", help="report: print JSON")
         parser.add_argument("--ledger", metavar="URI", help="ledger URI (default: X402_LEDGER_URI)")
 
@@ -51,7 +52,11 @@ class X402Command(ScrapyCommand):
             if args[0] == "settle":
                 self.exitcode = _settle(ledger, config, opts.dry_run)
             else:
-                print(_report_json(ledger, config.assets) if opts.json else _report_table(ledger, config.assets))
+                print(
+                    _report_json(ledger, config.assets)
+                    if opts.json
+                    else _report_table(ledger, config.assets)
+                )
         finally:
             ledger.close()
 
@@ -63,16 +68,28 @@ def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
         raise UsageError(str(e)) from None
     if account is None:
         raise UsageError("no wallet key: set X402_PRIVATE_KEY or X402_KEYSTORE_PATH")
-    outcomes = Settler(ledger, account, config.rpc_urls, config.assets,
-                       config.settlement_timeout).settle(dry_run=dry_run)
+    outcomes = Settler(
+        ledger, account, config.rpc_urls, config.assets, config.settlement_timeout
+    ).settle(dry_run=dry_run)
     if not outcomes:
         print("Nothing is owed.")
         return 0
-    print(_table(
-        ["status", "network", "payee", "amount", "payments", "transaction / reason"],
-        [[o.status, o.network, o.payee, _amount(config.assets, o.network, o.asset, o.amount),
-          str(o.payment_count), o.tx_hash or o.reason or ""] for o in outcomes],
-    ))
+    print(
+        _table(
+            ["status", "network", "payee", "amount", "payments", "transaction / reason"],
+            [
+                [
+                    o.status,
+                    o.network,
+                    o.payee,
+                    _amount(config.assets, o.network, o.asset, o.amount),
+                    str(o.payment_count),
+                    o.tx_hash or o.reason or "",
+                ]
+                for o in outcomes
+            ],
+        )
+    )
     return 1 if any(o.status in ("failed", "pending") for o in outcomes) else 0
 
 
@@ -81,15 +98,30 @@ def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in ledger.summary():
         key = (r.payee, r.domain, r.network, r.asset)
-        row = rows.setdefault(key, {
-            "payee": r.payee, "domain": r.domain, "network": r.network, "asset": r.asset,
-            "symbol": _symbol(assets, r.network, r.asset),
-            **{f"{k}_{f}": 0 for k in ("owed", "settled") for f in ("pages", "amount")},
-            "owed_usd": Decimal(0), "settled_usd": Decimal(0), "refused_pages": 0,
-            "reserved_pages": 0,
-        })
-        bucket = ("owed" if r.status in OWED else "settled" if r.status == Status.SETTLED
-                  else "reserved" if r.status == Status.RESERVED else "refused")
+        row = rows.setdefault(
+            key,
+            {
+                "payee": r.payee,
+                "domain": r.domain,
+                "network": r.network,
+                "asset": r.asset,
+                "symbol": _symbol(assets, r.network, r.asset),
+                **{f"{k}_{f}": 0 for k in ("owed", "settled") for f in ("pages", "amount")},
+                "owed_usd": Decimal(0),
+                "settled_usd": Decimal(0),
+                "refused_pages": 0,
+                "reserved_pages": 0,
+            },
+        )
+        bucket = (
+            "owed"
+            if r.status in OWED
+            else "settled"
+            if r.status == Status.SETTLED
+            else "reserved"
+            if r.status == Status.RESERVED
+            else "refused"
+        )
         row[f"{bucket}_pages"] += r.count
         if bucket in ("owed", "settled"):
             row[f"{bucket}_amount"] += r.amount
@@ -99,12 +131,22 @@ def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:
 
 def _report_json(ledger: Ledger, assets: AssetTable) -> str:
     settlements = [
-        {"transaction": s.id, "status": s.status, "network": s.network, "asset": s.asset,
-         "payee": s.payee, "amount": str(s.amount), "payments": s.payment_count, "reason": s.reason}
+        {
+            "transaction": s.id,
+            "status": s.status,
+            "network": s.network,
+            "asset": s.asset,
+            "payee": s.payee,
+            "amount": str(s.amount),
+            "payments": s.payment_count,
+            "reason": s.reason,
+        }
         for s in ledger.settlements()
     ]
-    rows = [{k: str(v) if isinstance(v, (Decimal, int)) else v for k, v in row.items()}
-            for row in _report_rows(ledger, assets)]
+    rows = [
+        {k: str(v) if isinstance(v, (Decimal, int)) else v for k, v in row.items()}
+        for row in _report_rows(ledger, assets)
+    ]
     return json.dumps({"payments": rows, "settlements": settlements}, indent=2)
 
 
@@ -117,24 +159,51 @@ def _report_table(ledger: Ledger, assets: AssetTable) -> str:
         totals["owed"] += row["owed_usd"]
         totals["settled"] += row["settled_usd"]
     table = _table(
-        ["payee", "domain", "network", "paid pages", "owed", "settled", "USD owed",
-         "USD settled", "refused"],
-        [[row["payee"], row["domain"], row["network"],
-          str(row["owed_pages"] + row["settled_pages"]),
-          _amount(assets, row["network"], row["asset"], row["owed_amount"]),
-          _amount(assets, row["network"], row["asset"], row["settled_amount"]),
-          str(row["owed_usd"]), str(row["settled_usd"]), str(row["refused_pages"])]
-         for row in rows],
+        [
+            "payee",
+            "domain",
+            "network",
+            "paid pages",
+            "owed",
+            "settled",
+            "USD owed",
+            "USD settled",
+            "refused",
+        ],
+        [
+            [
+                row["payee"],
+                row["domain"],
+                row["network"],
+                str(row["owed_pages"] + row["settled_pages"]),
+                _amount(assets, row["network"], row["asset"], row["owed_amount"]),
+                _amount(assets, row["network"], row["asset"], row["settled_amount"]),
+                str(row["owed_usd"]),
+                str(row["settled_usd"]),
+                str(row["refused_pages"]),
+            ]
+            for row in rows
+        ],
     )
     lines = [table, f"Total: {totals['owed']} USD owed, {totals['settled']} USD settled."]
     settlements = ledger.settlements()
     if settlements:
         lines.append("")
-        lines.append(_table(
-            ["transaction", "status", "payee", "amount", "payments"],
-            [[s.id, s.status, s.payee, _amount(assets, s.network, s.asset, s.amount),
-              str(s.payment_count)] for s in settlements],
-        ))
+        lines.append(
+            _table(
+                ["transaction", "status", "payee", "amount", "payments"],
+                [
+                    [
+                        s.id,
+                        s.status,
+                        s.payee,
+                        _amount(assets, s.network, s.asset, s.amount),
+                        str(s.payment_count),
+                    ]
+                    for s in settlements
+                ],
+            )
+        )
     return "\n".join(lines)
 
 
@@ -149,7 +218,10 @@ def _amount(assets: AssetTable, network: str, address: str, amount: int) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(x) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    widths = [max(len(x) for x in column) for column in zip(header, *rows, strict=True)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

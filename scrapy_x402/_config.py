@@ -21,11 +21,11 @@ LEDGER_FILENAME = "x402-ledger.sqlite3"
 def parse_usd(value: Any, name: str) -> Decimal:
     """A USD amount from a setting or meta key: str, int or Decimal; never a float."""
     if isinstance(value, float):
-        raise ValueError(f"{name} must be a string such as \"0.10\", not a float ({value!r})")
+        raise ValueError(f'{name} must be a string such as "0.10", not a float ({value!r})')
     try:
         usd = Decimal(str(value).strip().removeprefix("$"))
     except decimal.InvalidOperation:
-        raise ValueError(f"{name} must be a USD amount such as \"2.50\", got {value!r}") from None
+        raise ValueError(f'{name} must be a USD amount such as "2.50", got {value!r}') from None
     if not usd.is_finite() or usd < 0:
         raise ValueError(f"{name} must be a non-negative USD amount, got {value!r}")
     return usd
@@ -75,9 +75,13 @@ class X402Config:
             },
             close_on_budget_exhausted=settings.getbool("X402_CLOSE_ON_BUDGET_EXHAUSTED"),
             debug=settings.getbool("X402_DEBUG"),
-            default_budget=parse_usd(settings.get("X402_DEFAULT_BUDGET", "0"), "X402_DEFAULT_BUDGET"),
+            default_budget=parse_usd(
+                settings.get("X402_DEFAULT_BUDGET", "0"), "X402_DEFAULT_BUDGET"
+            ),
             item_receipt_field=settings.get("X402_ITEM_RECEIPT_FIELD") or None,
-            keystore_password_env=settings.get("X402_KEYSTORE_PASSWORD_ENV", "X402_KEYSTORE_PASSWORD"),
+            keystore_password_env=settings.get(
+                "X402_KEYSTORE_PASSWORD_ENV", "X402_KEYSTORE_PASSWORD"
+            ),
             keystore_path=settings.get("X402_KEYSTORE_PATH") or None,
             ledger_uri=ledger_uri,
             max_payment_attempts=settings.getint("X402_MAX_PAYMENT_ATTEMPTS", 1),
@@ -98,5 +102,5 @@ class X402Config:
 def _network(name: str) -> str:
     network = normalize_network(name)
     if network is None:
-        raise ValueError(f"{name!r} is not a network name or CAIP-2 id (e.g. \"eip155:84532\")")
+        raise ValueError(f'{name!r} is not a network name or CAIP-2 id (e.g. "eip155:84532")')
     return network

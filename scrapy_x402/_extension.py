@@ -46,13 +46,22 @@ class X402Settlement:
         stats.set_value("x402/spent_usd", str(sum(spent.values(), Decimal(0))))
         if not session.config.settle_on_close:
             return
-        settler = Settler(session.ledger, session.account, session.config.rpc_urls,
-                          session.config.assets, session.config.settlement_timeout)
+        settler = Settler(
+            session.ledger,
+            session.account,
+            session.config.rpc_urls,
+            session.config.assets,
+            session.config.settlement_timeout,
+        )
         # Blocking web3 calls: the crawl is over, so there is nothing left to stall.
         for outcome in settler.settle():
             stats.inc_value(f"x402/settlement/{outcome.status}")
             if outcome.status == "confirmed":
                 stats.inc_value("x402/settled_payment_count", outcome.payment_count)
             elif outcome.status == "skipped":
-                logger.warning("x402: %d payments to %s stay owed: %s", outcome.payment_count,
-                               outcome.payee, outcome.reason)
+                logger.warning(
+                    "x402: %d payments to %s stay owed: %s",
+                    outcome.payment_count,
+                    outcome.payee,
+                    outcome.reason,
+                )

@@ -69,8 +69,13 @@ class X402DownloaderMiddleware:
             challenge = parse_challenge(response.headers.get(PAYMENT_REQUIRED), response.body)
         except InvalidChallenge as e:
             self._inc("x402/invalid_challenge")
-            self._once(logging.WARNING, ("invalid", domain),
-                       "x402: unreadable payment terms from %s (%s); not paying", domain, e.reason)
+            self._once(
+                logging.WARNING,
+                ("invalid", domain),
+                "x402: unreadable payment terms from %s (%s); not paying",
+                domain,
+                e.reason,
+            )
             return response
         if challenge.dropped:
             self._inc("x402/invalid_offer", len(challenge.dropped))
@@ -79,8 +84,9 @@ class X402DownloaderMiddleware:
             self._inc("x402/max_attempts_reached")
             return response
         try:
-            max_price = parse_usd(request.meta.get("x402_max_price", self.config.max_price),
-                                  "meta['x402_max_price']")
+            max_price = parse_usd(
+                request.meta.get("x402_max_price", self.config.max_price), "meta['x402_max_price']"
+            )
         except ValueError as e:
             logger.error("x402: %s (%s); not paying", e, request)
             return response
@@ -96,18 +102,32 @@ class X402DownloaderMiddleware:
             return response
         try:
             signed = SCHEMES[offer.scheme].sign(
-                self.session.account, offer, offer.resource or request.url, int(time.time()),
+                self.session.account,
+                offer,
+                offer.resource or request.url,
+                int(time.time()),
                 self.config.max_timeout_seconds,
             )
             header, value = payment_header(challenge, offer, signed.payload)
             # Recorded before the paid request leaves: a crash can never lose a signature.
-            self.session.ledger.add(PaymentRecord(
-                id=signed.id, run_id=self.session.run_id, scheme=offer.scheme,
-                network=offer.network, asset=offer.asset, payer=self.session.account.address,
-                payee=offer.pay_to, amount=offer.amount, usd=usd, domain=domain,
-                budget_key=key, url=request.url, payload=signed.payload,
-                valid_until=signed.valid_until,
-            ))
+            self.session.ledger.add(
+                PaymentRecord(
+                    id=signed.id,
+                    run_id=self.session.run_id,
+                    scheme=offer.scheme,
+                    network=offer.network,
+                    asset=offer.asset,
+                    payer=self.session.account.address,
+                    payee=offer.pay_to,
+                    amount=offer.amount,
+                    usd=usd,
+                    domain=domain,
+                    budget_key=key,
+                    url=request.url,
+                    payload=signed.payload,
+                    valid_until=signed.valid_until,
+                )
+            )
         except Exception:
             budgets.release(key, usd)
             self._inc("x402/payment_error")
@@ -115,23 +135,36 @@ class X402DownloaderMiddleware:
             return response
         self._inc("x402/payment_signed")
         log = logger.info if self.config.debug else logger.debug
-        log("x402: paying %s (%s USD) to %s on %s for %s", asset.format(offer.amount), usd,
-            offer.pay_to, offer.network, request.url)
+        log(
+            "x402: paying %s (%s USD) to %s on %s for %s",
+            asset.format(offer.amount),
+            usd,
+            offer.pay_to,
+            offer.network,
+            request.url,
+        )
         paid = request.replace(
             dont_filter=True, priority=request.priority + self.config.priority_adjust
         )
         paid.headers[header] = value
-        paid.meta.update(_x402_payment=signed.id, _x402_attempts=attempts + 1,
-                         _x402_reserved=(key, str(usd)))
+        paid.meta.update(
+            _x402_payment=signed.id, _x402_attempts=attempts + 1, _x402_reserved=(key, str(usd))
+        )
         paid.meta["x402_payment"] = {
-            "id": signed.id, "status": Status.RESERVED, "scheme": offer.scheme,
-            "network": offer.network, "asset": offer.asset, "payee": offer.pay_to,
-            "amount": str(offer.amount), "usd": str(usd),
+            "id": signed.id,
+            "status": Status.RESERVED,
+            "scheme": offer.scheme,
+            "network": offer.network,
+            "asset": offer.asset,
+            "payee": offer.pay_to,
+            "amount": str(offer.amount),
+            "usd": str(usd),
         }
         return paid
 
-    def _choose(self, challenge: Challenge, max_price: Decimal,
-                domain: str) -> tuple[Offer, Asset, Decimal] | None:
+    def _choose(
+        self, challenge: Challenge, max_price: Decimal, domain: str
+    ) -> tuple[Offer, Asset, Decimal] | None:
         """The cheapest offer the settings allow, in USD; None if no offer is acceptable."""
         best: tuple[Offer, Asset, Decimal] | None = None
         refusals = []
@@ -148,9 +181,13 @@ class X402DownloaderMiddleware:
                 self._inc(f"x402/offer_refused/{reason}")
         if best is None:
             self._inc("x402/no_acceptable_offer")
-            self._once(logging.INFO, ("refused", domain, *refusals),
-                       "x402: no acceptable offer from %s (refused: %s); not paying",
-                       domain, ", ".join(refusals))
+            self._once(
+                logging.INFO,
+                ("refused", domain, *refusals),
+                "x402: no acceptable offer from %s (refused: %s); not paying",
+                domain,
+                ", ".join(refusals),
+            )
         return best
 
     def _refusal(self, offer: Offer) -> tuple[str | None, Asset | None]:
@@ -170,18 +207,25 @@ class X402DownloaderMiddleware:
         self._inc(f"x402/budget_exceeded/{domain}")
         if refused == TOTAL:
             self._inc("x402/max_total_exceeded")
-            self._once(logging.WARNING, ("total",),
-                       "x402: X402_MAX_TOTAL (%s USD) is spent; not paying any more pages",
-                       self.config.max_total)
+            self._once(
+                logging.WARNING,
+                ("total",),
+                "x402: X402_MAX_TOTAL (%s USD) is spent; not paying any more pages",
+                self.config.max_total,
+            )
             if self.config.close_on_budget_exhausted and self._closing is None:
                 self._closing = deferred_from_coro(
                     self.crawler.engine.close_spider_async(reason="x402_budget_exhausted")
                 )
         else:
             budgets = self.session.budgets
-            self._once(logging.WARNING, ("budget", refused),
-                       "x402: the budget for %s (%s USD) is spent; not paying more pages there",
-                       refused, budgets.limit(refused))
+            self._once(
+                logging.WARNING,
+                ("budget", refused),
+                "x402: the budget for %s (%s USD) is spent; not paying more pages there",
+                refused,
+                budgets.limit(refused),
+            )
 
     # -- after paying ------------------------------------------------------------------
 
@@ -190,19 +234,28 @@ class X402DownloaderMiddleware:
         receipt = parse_receipt(response.headers)
         if 200 <= response.status < 300:
             payment_id = request.meta.pop("_x402_payment")
-            key, usd = request.meta.pop("_x402_reserved")
+            usd = request.meta.pop("_x402_reserved")[1]
             if self.session.ledger.resolve(payment_id, Status.ACCEPTED, receipt=receipt or {}):
                 self._inc("x402/payment_count")
                 self._inc(f"x402/payment_count/{domain}")
-                spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(usd)
+                spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(
+                    usd
+                )
                 self.stats.set_value(f"x402/spent_usd/{domain}", str(spent))
                 request.meta["x402_payment"].update(status=Status.ACCEPTED, receipt=receipt)
             return response
         if response.status == 402:
-            reason = str((receipt or {}).get("errorReason") or _challenge_error(response) or "refused")
+            reason = str(
+                (receipt or {}).get("errorReason") or _challenge_error(response) or "refused"
+            )
             self._release(request, Status.REJECTED, reason)
-            self._once(logging.WARNING, ("rejected", domain, reason),
-                       "x402: %s refused a payment (%s); the 402 is passed on", domain, reason)
+            self._once(
+                logging.WARNING,
+                ("rejected", domain, reason),
+                "x402: %s refused a payment (%s); the 402 is passed on",
+                domain,
+                reason,
+            )
             if request.meta.get("_x402_attempts", 0) < self.config.max_payment_attempts:
                 return self._pay(request, response)
             return response

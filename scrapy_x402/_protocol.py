@@ -143,7 +143,9 @@ def _offer(raw: Any, version: int, resource: Mapping[str, Any] | None) -> Offer:
     network = normalize_network(raw["network"]) if isinstance(raw.get("network"), str) else None
     if network is None:
         raise InvalidChallenge(f"an offer has no valid network ({raw.get('network')!r})")
-    amount = parse_atomic(raw.get("amount" if version == 2 else "maxAmountRequired", raw.get("amount")))
+    amount = parse_atomic(
+        raw.get("amount" if version == 2 else "maxAmountRequired", raw.get("amount"))
+    )
     asset, pay_to = raw.get("asset"), raw.get("payTo")
     if not isinstance(asset, str) or not isinstance(pay_to, str) or not asset or not pay_to:
         raise InvalidChallenge("an offer has no asset or payTo")
@@ -183,13 +185,21 @@ def parse_atomic(value: Any) -> int:
     return amount
 
 
-def payment_header(challenge: Challenge, offer: Offer, payload: Mapping[str, Any],
-                   extensions: Mapping[str, Any] | None = None) -> tuple[str, str]:
+def payment_header(
+    challenge: Challenge,
+    offer: Offer,
+    payload: Mapping[str, Any],
+    extensions: Mapping[str, Any] | None = None,
+) -> tuple[str, str]:
     """The header (name, value) that carries a payment for ``offer``."""
     if challenge.version == 1:
         network = _v1_network(offer.raw)
-        body: dict[str, Any] = {"x402Version": 1, "scheme": offer.scheme, "network": network,
-                                "payload": dict(payload)}
+        body: dict[str, Any] = {
+            "x402Version": 1,
+            "scheme": offer.scheme,
+            "network": network,
+            "payload": dict(payload),
+        }
         return V1_PAYMENT, b64json_encode(body)
     body = {"x402Version": 2, "accepted": dict(offer.raw), "payload": dict(payload)}
     if challenge.resource is not None:

@@ -35,6 +35,9 @@ class X402ReceiptMiddleware(BaseSpiderMiddleware):
             except KeyError:
                 if not self._warned:
                     self._warned = True
-                    logger.warning("x402: %s items have no field %r (X402_ITEM_RECEIPT_FIELD)",
-                                   type(item).__name__, self.field)
+                    logger.warning(
+                        "x402: %s items have no field %r (X402_ITEM_RECEIPT_FIELD)",
+                        type(item).__name__,
+                        self.field,
+                    )
         return item

@@ -13,6 +13,7 @@ from scrapy.exceptions import NotConfigured
 
 from scrapy_x402._budget import Budgets
 from scrapy_x402._config import X402Config
+from scrapy_x402._version import __version__
 from scrapy_x402._wallet import load_account
 from scrapy_x402.ledger import open_ledger
 
@@ -50,18 +51,21 @@ class X402Session:
         # what it already spent.
         self.run_id = _run_id(config.jobdir)
         self.budgets = Budgets(
-            config.budgets, config.default_budget, config.max_total,
+            config.budgets,
+            config.default_budget,
+            config.max_total,
             self.ledger.spent_by_budget(self.run_id),
         )
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
-        from scrapy_x402 import __version__
-
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
-            __version__, account.address,
-            {k: str(v) for k, v in config.budgets.items()}, config.default_budget,
+            __version__,
+            account.address,
+            {k: str(v) for k, v in config.budgets.items()},
+            config.default_budget,
             config.max_total if config.max_total is not None else "unlimited",
-            config.ledger_uri, self.run_id,
+            config.ledger_uri,
+            self.run_id,
         )
         if config.allow_mainnet:
             logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eth_abi import encode as abi_encode
+from eth_typing import HexStr
 from web3 import Web3
 from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
 
@@ -49,8 +50,14 @@ class Outcome:
 
 
 class Settler:
-    def __init__(self, ledger: Ledger, account: LocalAccount, rpc_urls: Mapping[str, str],
-                 assets: AssetTable, timeout: int = 120):
+    def __init__(
+        self,
+        ledger: Ledger,
+        account: LocalAccount,
+        rpc_urls: Mapping[str, str],
+        assets: AssetTable,
+        timeout: int = 120,
+    ):
         self.ledger = ledger
         self.account = account
         self.rpc_urls = rpc_urls
@@ -64,10 +71,7 @@ class Settler:
         for owed in self.ledger.owed(self.account.address):
             outcome = self._skip_reason(owed)
             if outcome is None:
-                if dry_run:
-                    outcome = _outcome(owed, "planned")
-                else:
-                    outcome = self._pay(owed)
+                outcome = _outcome(owed, "planned") if dry_run else self._pay(owed)
             outcomes.append(outcome)
         return outcomes
 
@@ -76,7 +80,9 @@ class Settler:
 
     def _skip_reason(self, owed: OwedTotal) -> Outcome | None:
         if owed.network not in self.rpc_urls:
-            return _outcome(owed, "skipped", reason=f"no RPC URL for {owed.network} in X402_RPC_URLS")
+            return _outcome(
+                owed, "skipped", reason=f"no RPC URL for {owed.network} in X402_RPC_URLS"
+            )
         return None
 
     def _w3(self, network: str) -> Web3:
@@ -105,7 +111,7 @@ class Settler:
         # Written before it is broadcast: from here on, the chain decides what happened.
         self.ledger.begin_settlement(settlement, owed.payment_ids)
         try:
-            w3.eth.send_raw_transaction(settlement.raw_tx)
+            w3.eth.send_raw_transaction(HexStr(settlement.raw_tx))
         except Web3RPCError as e:
             # The node refused it outright: not broadcast, so the payments are owed again.
             self.ledger.finish_settlement(settlement.id, confirmed=False, reason=str(e))
@@ -158,11 +164,18 @@ class Settler:
             return self._unknown(owed, s, e)
         if receipt["status"] == 1:
             self.ledger.finish_settlement(s.id, confirmed=True)
-            logger.info("x402 settled %s to %s on %s: %s",
-                        self._format(s.network, s.asset, s.amount), s.payee, s.network, s.id)
+            logger.info(
+                "x402 settled %s to %s on %s: %s",
+                self._format(s.network, s.asset, s.amount),
+                s.payee,
+                s.network,
+                s.id,
+            )
             return _outcome(owed, "confirmed", s.id)
         self.ledger.finish_settlement(s.id, confirmed=False, reason="transaction reverted")
-        logger.error("x402 settlement %s to %s reverted; its payments are owed again", s.id, s.payee)
+        logger.error(
+            "x402 settlement %s to %s reverted; its payments are owed again", s.id, s.payee
+        )
         return _outcome(owed, "failed", s.id, "transaction reverted")
 
     def _recover(self, s: Settlement) -> Outcome:
@@ -178,14 +191,19 @@ class Settler:
                 return self._await(w3, s, payment_ids)
             except TransactionNotFound:
                 pass
-            if w3.eth.get_transaction_count(s.payer, "latest") > s.tx_nonce:
+            if (
+                w3.eth.get_transaction_count(Web3.to_checksum_address(s.payer), "latest")
+                > s.tx_nonce
+            ):
                 # Its nonce was used by another transaction, so it can never be mined.
                 # Its payments are owed again and are paid by the loop in settle().
                 self.ledger.finish_settlement(s.id, confirmed=False, reason="replaced")
-                logger.warning("x402 settlement %s was never mined; its payments are owed again", s.id)
+                logger.warning(
+                    "x402 settlement %s was never mined; its payments are owed again", s.id
+                )
                 return _outcome(owed, "failed", s.id, "replaced by another transaction")
             try:  # same signed bytes, same nonce: re-broadcasting can never pay twice
-                w3.eth.send_raw_transaction(s.raw_tx)
+                w3.eth.send_raw_transaction(HexStr(s.raw_tx))
             except Web3RPCError as e:
                 if "known" not in str(e).lower():
                     raise
@@ -194,8 +212,13 @@ class Settler:
             return self._unknown(owed, s, e)
 
     def _unknown(self, owed: OwedTotal, s: Settlement, error: Exception) -> Outcome:
-        logger.error("x402 settlement %s to %s: fate unknown (%s); run `scrapy x402 settle` "
-                     "again to resolve it from the chain", s.id, s.payee, error)
+        logger.error(
+            "x402 settlement %s to %s: fate unknown (%s); run `scrapy x402 settle` "
+            "again to resolve it from the chain",
+            s.id,
+            s.payee,
+            error,
+        )
         return _outcome(owed, "pending", s.id, str(error))
 
     def _format(self, network: str, asset: str, amount: int) -> str:
@@ -208,7 +231,16 @@ def _token_balance(w3: Web3, token: str, owner: str) -> int:
     return int.from_bytes(w3.eth.call({"to": token, "data": data}), "big")  # type: ignore[typeddict-item]
 
 
-def _outcome(owed: OwedTotal, status: str, tx_hash: str | None = None,
-             reason: str | None = None) -> Outcome:
-    return Outcome(owed.network, owed.asset, owed.payee, owed.amount, len(owed.payment_ids),
-                   status, tx_hash, reason)
+def _outcome(
+    owed: OwedTotal, status: str, tx_hash: str | None = None, reason: str | None = None
+) -> Outcome:
+    return Outcome(
+        owed.network,
+        owed.asset,
+        owed.payee,
+        owed.amount,
+        len(owed.payment_ids),
+        status,
+        tx_hash,
+        reason,
+    )

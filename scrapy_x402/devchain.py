@@ -63,9 +63,20 @@ class Anvil:
 
     def start(self, timeout: float = 30) -> None:
         self._process = subprocess.Popen(
-            [find_anvil(), "--host", "127.0.0.1", "--port", str(self.port),
-             "--chain-id", str(self.chain_id), "--accounts", "1", "--silent"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                find_anvil(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--chain-id",
+                str(self.chain_id),
+                "--accounts",
+                "1",
+                "--silent",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:  # readiness poll, not a timing assumption
@@ -92,8 +103,12 @@ class Anvil:
         return account
 
     def transact(self, sender: Any, tx: dict[str, Any]) -> Any:
-        tx = {"from": sender.address, "chainId": self.chain_id,
-              "nonce": self.w3.eth.get_transaction_count(sender.address), **tx}
+        tx = {
+            "from": sender.address,
+            "chainId": self.chain_id,
+            "nonce": self.w3.eth.get_transaction_count(sender.address),
+            **tx,
+        }
         tx.setdefault("gas", self.w3.eth.estimate_gas(tx))  # type: ignore[arg-type]
         tx.setdefault("gasPrice", self.w3.eth.gas_price)
         del tx["from"]
@@ -126,16 +141,20 @@ class TestUSD:
         return cls(chain, receipt["contractAddress"], owner)
 
     def mint(self, to: str, amount: int) -> None:
-        self.chain.transact(self.owner, {"to": self.address,
-                                         "data": self.contract.encode_abi("mint", [to, amount])})
+        self.chain.transact(
+            self.owner, {"to": self.address, "data": self.contract.encode_abi("mint", [to, amount])}
+        )
 
     def balance_of(self, owner: str) -> int:
         return int(self.contract.functions.balanceOf(owner).call())
 
     def asset_setting(self) -> dict[str, dict[str, dict[str, str | int]]]:
         """The X402_ASSETS entry that pegs this token at 1 USD."""
-        return {f"eip155:{self.chain.chain_id}": {
-            self.address: {"symbol": "tUSD", "decimals": 6, "usd": "1"}}}
+        return {
+            f"eip155:{self.chain.chain_id}": {
+                self.address: {"symbol": "tUSD", "decimals": 6, "usd": "1"}
+            }
+        }
 
 
 def _artifact() -> dict[str, Any]:

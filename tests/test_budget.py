@@ -21,7 +21,12 @@ def test_most_specific_budget_wins():
 
 def test_reserve_exactly_up_to_the_limit_and_release():
     b = budgets()
-    assert [b.reserve("*.papers.example", D("0.03")) for _ in range(4)] == [None, None, None, "*.papers.example"]
+    assert [b.reserve("*.papers.example", D("0.03")) for _ in range(4)] == [
+        None,
+        None,
+        None,
+        "*.papers.example",
+    ]
     assert b.spent("*.papers.example") == D("0.09")
     b.release("*.papers.example", D("0.03"))
     assert b.reserve("*.papers.example", D("0.04")) is None

@@ -12,11 +12,22 @@ from tests.test_settlement import owe
 
 def scrapy(tmp_path, payer, chain, token, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "X402_PRIVATE_KEY": payer.key.hex()}
-    settings = ["-s", f"X402_LEDGER_URI={tmp_path / 'ledger.sqlite3'}",
-                "-s", "X402_RPC_URLS=" + json.dumps({"eip155:31337": chain.url}),
-                "-s", "X402_ASSETS=" + json.dumps(token.asset_setting())]
-    return subprocess.run([sys.executable, "-m", "scrapy", "x402", *args, *settings],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    settings = [
+        "-s",
+        f"X402_LEDGER_URI={tmp_path / 'ledger.sqlite3'}",
+        "-s",
+        "X402_RPC_URLS=" + json.dumps({"eip155:31337": chain.url}),
+        "-s",
+        "X402_ASSETS=" + json.dumps(token.asset_setting()),
+    ]
+    return subprocess.run(
+        [sys.executable, "-m", "scrapy", "x402", *args, *settings],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
 
 
 def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees):
@@ -43,7 +54,11 @@ def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees)
     report = json.loads(scrapy(tmp_path, payer, chain, token, "report", "--json").stdout)
     [row] = report["payments"]
     assert (row["payee"], row["settled_pages"], row["settled_amount"], row["owed_amount"]) == (
-        payees[0], "4", "10000", "0")
+        payees[0],
+        "4",
+        "10000",
+        "0",
+    )
     assert report["settlements"][0]["status"] == "confirmed"
     table = scrapy(tmp_path, payer, chain, token, "report").stdout
     assert payees[0] in table and "Total: 0 USD owed, 0.0100 USD settled." in table
@@ -55,6 +70,12 @@ def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees)
 
 def test_settle_without_a_key_is_a_usage_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "X402_PRIVATE_KEY"}
-    run = subprocess.run([sys.executable, "-m", "scrapy", "x402", "settle"], capture_output=True,
-                         text=True, env=env, cwd=tmp_path, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "scrapy", "x402", "settle"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert run.returncode == 2 and "no wallet key" in run.stderr

@@ -44,16 +44,24 @@ async def crawl(settings: dict[str, Any], urls: list[str]) -> tuple[Any, list[di
 def ledger_rows(settings: dict[str, Any]) -> list[tuple[str, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
-        return list(ledger._execute("SELECT id, status, payee, amount, url, settlement_id FROM x402_payments"))
+        return list(
+            ledger._execute(
+                "SELECT id, status, payee, amount, url, settlement_id FROM x402_payments"
+            )
+        )
     finally:
         ledger.close()
 
 
 @deferred_f_from_coro_f
-async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_settings, token, payer, payees, caplog):
+async def test_pays_pages_and_settles_one_transfer_per_payee(
+    tmp_path, x402_settings, token, payer, payees, caplog
+):
     caplog.set_level(logging.DEBUG)
     with MockServer(sections(token, payees), tmp_path) as server:
-        urls = [f"{server.url}/news/{i}" for i in range(6)] + [f"{server.url}/science/{i}" for i in range(4)]
+        urls = [f"{server.url}/news/{i}" for i in range(6)] + [
+            f"{server.url}/science/{i}" for i in range(4)
+        ]
         urls.append(f"{server.url}/free/1")
         crawler, items = await crawl({**x402_settings, "X402_ITEM_RECEIPT_FIELD": "x402"}, urls)
         accepted = server.accepted()
@@ -88,9 +96,13 @@ async def test_pays_pages_and_settles_one_transfer_per_payee(tmp_path, x402_sett
 @deferred_f_from_coro_f
 async def test_concurrent_pages_never_exceed_the_budget(tmp_path, x402_settings, token, payees):
     # 40 pages at 0.01 under a 0.13 budget, 16 in flight at once: exactly 13 are paid.
-    settings = {**x402_settings, "X402_BUDGETS": {"127.0.0.1": "0.13"},
-                "CONCURRENT_REQUESTS": 32, "CONCURRENT_REQUESTS_PER_DOMAIN": 16,
-                "X402_SETTLE_ON_CLOSE": False}
+    settings = {
+        **x402_settings,
+        "X402_BUDGETS": {"127.0.0.1": "0.13"},
+        "CONCURRENT_REQUESTS": 32,
+        "CONCURRENT_REQUESTS_PER_DOMAIN": 16,
+        "X402_SETTLE_ON_CLOSE": False,
+    }
     with MockServer(sections(token, payees), tmp_path) as server:
         crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(40)])
         accepted = server.accepted()
@@ -115,8 +127,9 @@ async def test_v1_body_offers_are_paid_with_x_payment(tmp_path, x402_settings, t
 
 @deferred_f_from_coro_f
 async def test_refused_payment_is_released_and_not_retried(tmp_path, x402_settings, token, payees):
-    config = sections(token, payees, closed={"payee": payees[2], "price": 5_000,
-                                             "refuse": "insufficient_funds"})
+    config = sections(
+        token, payees, closed={"payee": payees[2], "price": 5_000, "refuse": "insufficient_funds"}
+    )
     with MockServer(config, tmp_path) as server:
         crawler, items = await crawl(x402_settings, [f"{server.url}/closed/{i}" for i in range(3)])
     stats = crawler.stats.get_stats()
@@ -134,8 +147,14 @@ async def test_refused_payment_is_released_and_not_retried(tmp_path, x402_settin
 async def test_unpayable_402s_pass_through_and_sign_nothing(tmp_path, x402_settings, token, payees):
     settings = {**x402_settings, "X402_BUDGETS": {"127.0.0.1": "0.01"}, "X402_MAX_PRICE": "0.02"}
     with MockServer(sections(token, payees), tmp_path) as server:
-        bad = ["not-base64", "decimal-amount", "negative-amount", "unknown-version",
-               "many-offers", "html"]
+        bad = [
+            "not-base64",
+            "decimal-amount",
+            "negative-amount",
+            "unknown-version",
+            "many-offers",
+            "html",
+        ]
         urls = [f"{server.url}/bad/{case}" for case in bad]
         urls += [f"{server.url}/science/1"]  # 0.025: over X402_MAX_PRICE
         crawler, items = await crawl(settings, urls)
@@ -159,17 +178,24 @@ async def test_dont_pay_and_per_request_max_price(tmp_path, x402_settings, token
 
     with MockServer(sections(token, payees), tmp_path) as server:
         crawler = get_crawler(MetaSpider, x402_settings)
-        await crawler.crawl_async(urls=[f"{server.url}/news/1", f"{server.url}/news/2",
-                                        f"{server.url}/science/3"])
+        await crawler.crawl_async(
+            urls=[f"{server.url}/news/1", f"{server.url}/news/2", f"{server.url}/science/3"]
+        )
     stats = crawler.stats.get_stats()
     assert stats["x402/payment_count"] == 1  # only science/3, allowed 0.05
     assert stats["x402/offer_refused/max_price"] == 1
 
 
 @deferred_f_from_coro_f
-async def test_resumed_crawl_keeps_counting_against_the_budget(tmp_path, x402_settings, token, payees):
-    settings = {**x402_settings, "JOBDIR": str(tmp_path / "job"),
-                "X402_BUDGETS": {"127.0.0.1": "0.05"}, "X402_SETTLE_ON_CLOSE": False}
+async def test_resumed_crawl_keeps_counting_against_the_budget(
+    tmp_path, x402_settings, token, payees
+):
+    settings = {
+        **x402_settings,
+        "JOBDIR": str(tmp_path / "job"),
+        "X402_BUDGETS": {"127.0.0.1": "0.05"},
+        "X402_SETTLE_ON_CLOSE": False,
+    }
     del settings["X402_LEDGER_URI"]  # default: inside JOBDIR
     with MockServer(sections(token, payees), tmp_path) as server:
         first, _ = await crawl(settings, [f"{server.url}/news/{i}" for i in range(3)])
@@ -181,8 +207,13 @@ async def test_resumed_crawl_keeps_counting_against_the_budget(tmp_path, x402_se
 
 @deferred_f_from_coro_f
 async def test_global_cap_closes_the_spider(tmp_path, x402_settings, token, payees):
-    settings = {**x402_settings, "X402_MAX_TOTAL": "0.03", "X402_CLOSE_ON_BUDGET_EXHAUSTED": True,
-                "CONCURRENT_REQUESTS": 1, "X402_SETTLE_ON_CLOSE": False}
+    settings = {
+        **x402_settings,
+        "X402_MAX_TOTAL": "0.03",
+        "X402_CLOSE_ON_BUDGET_EXHAUSTED": True,
+        "CONCURRENT_REQUESTS": 1,
+        "X402_SETTLE_ON_CLOSE": False,
+    }
     with MockServer(sections(token, payees), tmp_path) as server:
         crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(20)])
     assert crawler.stats.get_value("finish_reason") == "x402_budget_exhausted"

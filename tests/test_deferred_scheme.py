@@ -27,11 +27,23 @@ def word(value: int | str | bytes) -> bytes:
 
 def spec_digest(c: Commitment) -> bytes:
     domain_type = b"EIP712Domain(string name,string version,uint256 chainId)"
-    commitment_type = (b"Commitment(address payer,address payee,address token,uint256 amount,"
-                       b"bytes32 resource,bytes32 nonce,uint256 validUntil)")
-    domain = keccak(keccak(domain_type) + keccak(b"x402 deferred") + keccak(b"1") + word(c.chain_id))
-    struct = keccak(keccak(commitment_type) + word(c.payer) + word(c.payee) + word(c.token)
-                    + word(c.amount) + word(c.resource) + word(c.nonce) + word(c.valid_until))
+    commitment_type = (
+        b"Commitment(address payer,address payee,address token,uint256 amount,"
+        b"bytes32 resource,bytes32 nonce,uint256 validUntil)"
+    )
+    domain = keccak(
+        keccak(domain_type) + keccak(b"x402 deferred") + keccak(b"1") + word(c.chain_id)
+    )
+    struct = keccak(
+        keccak(commitment_type)
+        + word(c.payer)
+        + word(c.payee)
+        + word(c.token)
+        + word(c.amount)
+        + word(c.resource)
+        + word(c.nonce)
+        + word(c.valid_until)
+    )
     return keccak(b"\x19\x01" + domain + struct)
 
 
@@ -44,9 +56,14 @@ def spec_recover(digest: bytes, signature: str) -> str:
 
 def vector_commitment() -> Commitment:
     return Commitment(
-        chain_id=84532, payer=Account.from_key(KEY).address, payee=PAYEE, token=TOKEN,
-        amount=10_000, resource=resource_hash("https://news.example/world/1"),
-        nonce="0x" + "00" * 31 + "01", valid_until=1_800_000_000,
+        chain_id=84532,
+        payer=Account.from_key(KEY).address,
+        payee=PAYEE,
+        token=TOKEN,
+        amount=10_000,
+        resource=resource_hash("https://news.example/world/1"),
+        nonce="0x" + "00" * 31 + "01",
+        valid_until=1_800_000_000,
     )
 
 
@@ -57,13 +74,18 @@ def test_digest_matches_the_spec_encoding():
 
 def test_signed_commitment_recovers_independently():
     account = Account.from_key(KEY)
-    offer = Offer("deferred", "eip155:84532", 10_000, TOKEN, PAYEE, 60,
-                  "https://news.example/world/1", {}, {})
-    signed = DeferredScheme().sign(account, offer, offer.resource, now=1_700_000_000, max_timeout=300)
+    offer = Offer(
+        "deferred", "eip155:84532", 10_000, TOKEN, PAYEE, 60, "https://news.example/world/1", {}, {}
+    )
+    signed = DeferredScheme().sign(
+        account, offer, offer.resource, now=1_700_000_000, max_timeout=300
+    )
     c = Commitment.from_json(84532, signed.payload["commitment"])
     assert c.valid_until == 1_700_000_060  # the offer's timeout, under the cap
     assert signed.id == c.id == "0x" + spec_digest(c).hex()
-    assert spec_recover(spec_digest(c), signed.payload["signature"]).lower() == account.address.lower()
+    assert (
+        spec_recover(spec_digest(c), signed.payload["signature"]).lower() == account.address.lower()
+    )
 
 
 def test_documented_test_vector():

@@ -15,9 +15,20 @@ def ledger(tmp_path):
 
 def record(n, payee="0xP1", run="r1", usd="0.01", key="a.example"):
     return PaymentRecord(
-        id=f"0x{n:064x}", run_id=run, scheme="deferred", network="eip155:31337", asset="0xT",
-        payer="0xME", payee=payee, amount=10**30 + n, usd=Decimal(usd), domain=key,
-        budget_key=key, url=f"http://{key}/{n}", payload={"signature": "0x00"}, valid_until=1,
+        id=f"0x{n:064x}",
+        run_id=run,
+        scheme="deferred",
+        network="eip155:31337",
+        asset="0xT",
+        payer="0xME",
+        payee=payee,
+        amount=10**30 + n,
+        usd=Decimal(usd),
+        domain=key,
+        budget_key=key,
+        url=f"http://{key}/{n}",
+        payload={"signature": "0x00"},
+        valid_until=1,
     )
 
 
@@ -41,7 +52,9 @@ def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(ledger):
         ledger.resolve(record(n).id, Status.ACCEPTED)
     owed = ledger.owed("0xME")
     assert [(o.payee, o.amount, len(o.payment_ids)) for o in owed] == [
-        ("0xP1", 2 * 10**30 + 2, 2), ("0xP2", 10**30 + 1, 1)]
+        ("0xP1", 2 * 10**30 + 2, 2),
+        ("0xP2", 10**30 + 1, 1),
+    ]
     assert ledger.owed("0xSOMEONE_ELSE") == []
 
 
@@ -50,12 +63,24 @@ def test_settlement_confirm_and_fail(ledger):
         ledger.add(record(n))
         ledger.resolve(record(n).id, Status.ACCEPTED)
     owed = ledger.owed("0xME")[0]
-    s = Settlement("0xTX1", owed.network, owed.asset, owed.payer, owed.payee, owed.amount, 2,
-                   "pending", "0xRAW", 7)
+    s = Settlement(
+        "0xTX1",
+        owed.network,
+        owed.asset,
+        owed.payer,
+        owed.payee,
+        owed.amount,
+        2,
+        "pending",
+        "0xRAW",
+        7,
+    )
     ledger.begin_settlement(s, owed.payment_ids)
     assert ledger.owed("0xME") == []
     assert [x.id for x in ledger.settlements("pending")] == ["0xTX1"]
-    with pytest.raises(RuntimeError, match="no longer owed"):  # never two settlements for one payment
+    with pytest.raises(
+        RuntimeError, match="no longer owed"
+    ):  # never two settlements for one payment
         ledger.begin_settlement(replace(s, id="0xTX2"), owed.payment_ids)
     ledger.finish_settlement("0xTX1", confirmed=False, reason="reverted")
     assert ledger.owed("0xME")[0].payment_ids == owed.payment_ids  # owed again
@@ -63,7 +88,10 @@ def test_settlement_confirm_and_fail(ledger):
     ledger.finish_settlement("0xTX3", confirmed=True)
     assert {ledger.get_status(i) for i in owed.payment_ids} == {Status.SETTLED}
     # The refused 0xTX2 was rolled back whole.
-    assert [(x.id, x.status) for x in ledger.settlements()] == [("0xTX1", "failed"), ("0xTX3", "confirmed")]
+    assert [(x.id, x.status) for x in ledger.settlements()] == [
+        ("0xTX1", "failed"),
+        ("0xTX3", "confirmed"),
+    ]
 
 
 def test_unsupported_uri_is_refused():

@@ -38,14 +38,25 @@ def middleware(settings: dict[str, Any]) -> tuple[X402DownloaderMiddleware, Any]
 
 
 def offer(amount="10000", network="eip155:84532", asset=USDC_SEPOLIA, **kw):
-    return {"scheme": "deferred", "network": network, "amount": amount, "asset": asset,
-            "payTo": PAYEE, "maxTimeoutSeconds": 60, **kw}
+    return {
+        "scheme": "deferred",
+        "network": network,
+        "amount": amount,
+        "asset": asset,
+        "payTo": PAYEE,
+        "maxTimeoutSeconds": 60,
+        **kw,
+    }
 
 
 def response402(*offers, url=URL, **headers) -> Response:
     terms = {"x402Version": 2, "resource": {"url": url}, "accepts": list(offers)}
-    return Response(url, status=402, request=Request(url),
-                    headers={"PAYMENT-REQUIRED": b64json_encode(terms), **headers})
+    return Response(
+        url,
+        status=402,
+        request=Request(url),
+        headers={"PAYMENT-REQUIRED": b64json_encode(terms), **headers},
+    )
 
 
 def test_not_configured_without_a_key_or_when_disabled(tmp_path, monkeypatch):
@@ -95,8 +106,14 @@ async def test_mainnet_is_paid_only_when_allowed(settings, caplog):
 @deferred_f_from_coro_f
 async def test_v1_terms_are_paid_with_x_payment(settings):
     mw, _ = middleware(settings)
-    body = json.dumps({"x402Version": 1, "accepts": [{**offer(), "network": "base-sepolia",
-                                                      "maxAmountRequired": "5000", "resource": URL}]})
+    body = json.dumps(
+        {
+            "x402Version": 1,
+            "accepts": [
+                {**offer(), "network": "base-sepolia", "maxAmountRequired": "5000", "resource": URL}
+            ],
+        }
+    )
     response = Response(URL, status=402, body=body.encode(), request=Request(URL))
     paid = await mw.process_response(response.request, response)
     sent = b64json_decode(paid.headers["X-PAYMENT"])
@@ -158,7 +175,10 @@ async def test_paid_responses_settle_the_reservation(settings):
     assert ledger.get_status(paid.meta["x402_payment"]["id"]) == Status.REJECTED
     assert crawler.stats.get_value("x402/payment_rejected/insufficient_funds") == 1
     # The refused reservation was released: two more pages fit in 0.02.
-    again = [await mw.process_response(r.request, r) for r in (response402(offer()), response402(offer()))]
+    again = [
+        await mw.process_response(r.request, r)
+        for r in (response402(offer()), response402(offer()))
+    ]
     served = Response(URL, status=200, request=again[0])
     await mw.process_response(again[0], served)
     assert ledger.get_status(again[0].meta["x402_payment"]["id"]) == Status.ACCEPTED

@@ -1,9 +1,17 @@
 """The publisher's verifier: every rule of docs/deferred-scheme.md has its own reason."""
 
+from dataclasses import replace
+
 import pytest
 from eth_account import Account
 
-from scrapy_x402._protocol import Challenge, Offer, b64json_decode, b64json_encode, payment_header
+from scrapy_x402._protocol import (
+    Challenge,
+    Offer,
+    b64json_decode,
+    b64json_encode,
+    payment_header,
+)
 from scrapy_x402.paywall import DeferredVerifier, PaymentRejected
 from scrapy_x402.schemes.deferred import DeferredScheme
 
@@ -21,9 +29,17 @@ def verifier():
 def pay(verifier, account=None, url=URL, now=NOW, version=2, **changes):
     """A header as the crawler builds it, for the verifier's own offer (with changes)."""
     raw = {**verifier.offer(1000, url, version), **changes}
-    offer = Offer("deferred", raw["network"] if ":" in raw["network"] else "eip155:31337",
-                  int(raw.get("amount", raw.get("maxAmountRequired"))), raw["asset"], raw["payTo"],
-                  60, url, {}, raw)
+    offer = Offer(
+        "deferred",
+        raw["network"] if ":" in raw["network"] else "eip155:31337",
+        int(raw.get("amount", raw.get("maxAmountRequired"))),
+        raw["asset"],
+        raw["payTo"],
+        60,
+        url,
+        {},
+        raw,
+    )
     signed = DeferredScheme().sign(account or Account.create(), offer, url, now, 300)
     challenge = Challenge(version, (offer,), {"url": url}, None, {})
     return payment_header(challenge, offer, signed.payload)[1], signed
@@ -43,25 +59,32 @@ def test_accepts_v1_x_payment(verifier):
 
 
 def test_the_same_commitment_again_is_idempotent_but_a_reused_nonce_is_not(verifier):
-    header, _ = pay(verifier)
+    account = Account.create()
+    header, _ = pay(verifier, account)
     first = verifier.verify(header, 1000, URL)
-    assert verifier.verify(header, 1000, URL).id == first.id
-    forged, _ = pay(verifier)
-    payload = b64json_decode(forged)
-    payload["payload"]["commitment"]["nonce"] = first.nonce
-    payload["payload"]["commitment"]["payer"] = first.payer
-    with pytest.raises(PaymentRejected, match="invalid_signature|nonce_reused"):
-        verifier.verify(b64json_encode(payload), 1000, URL)
+    assert verifier.verify(header, 1000, URL).id == first.id  # a resend: same commitment
+    # The same payer signs a different commitment (more money) under the same nonce.
+    reused = replace(first, amount=2000)
+    envelope = b64json_decode(header)
+    envelope["payload"] = {
+        "commitment": reused.to_json(),
+        "signature": "0x" + account.sign_message(reused.signable()).signature.hex(),
+    }
+    with pytest.raises(PaymentRejected, match="nonce_reused"):
+        verifier.verify(b64json_encode(envelope), 1000, URL)
 
 
-@pytest.mark.parametrize(("changes", "amount", "url", "reason"), [
-    ({"payTo": "0x" + "99" * 20}, 1000, URL, "wrong_payee"),
-    ({"asset": "0x" + "98" * 20}, 1000, URL, "wrong_token"),
-    ({"network": "eip155:1"}, 1000, URL, "invalid_network"),
-    ({}, 1001, URL, "underpaid"),
-    ({}, 1000, "http://pub.example/a/2", "wrong_resource"),
-    ({"scheme": "exact"}, 1000, URL, "unsupported_scheme"),
-])
+@pytest.mark.parametrize(
+    ("changes", "amount", "url", "reason"),
+    [
+        ({"payTo": "0x" + "99" * 20}, 1000, URL, "wrong_payee"),
+        ({"asset": "0x" + "98" * 20}, 1000, URL, "wrong_token"),
+        ({"network": "eip155:1"}, 1000, URL, "invalid_network"),
+        ({}, 1001, URL, "underpaid"),
+        ({}, 1000, "http://pub.example/a/2", "wrong_resource"),
+        ({"scheme": "exact"}, 1000, URL, "unsupported_scheme"),
+    ],
+)
 def test_rejections(verifier, changes, amount, url, reason):
     header, _ = pay(verifier, **changes)
     with pytest.raises(PaymentRejected, match=reason):
@@ -92,6 +115,10 @@ def test_forged_signature_and_garbage(verifier):
     decoded["payload"]["signature"] = "0x" + "00" * 65
     with pytest.raises(PaymentRejected, match="invalid_signature"):
         verifier.verify(b64json_encode(decoded), 1000, URL)
-    for garbage in ("not base64!", b64json_encode([1]), b64json_encode({"x402Version": 2, "payload": {}})):
+    for garbage in (
+        "not base64!",
+        b64json_encode([1]),
+        b64json_encode({"x402Version": 2, "payload": {}}),
+    ):
         with pytest.raises(PaymentRejected):
             verifier.verify(garbage, 1000, URL)

@@ -14,13 +14,26 @@ PAY_TO = "0x" + "ab" * 20
 
 
 def v2(*accepts, **extra):
-    return b64json_encode({"x402Version": 2, "resource": {"url": "https://a.example/x"},
-                           "accepts": list(accepts), **extra}).encode()
+    return b64json_encode(
+        {
+            "x402Version": 2,
+            "resource": {"url": "https://a.example/x"},
+            "accepts": list(accepts),
+            **extra,
+        }
+    ).encode()
 
 
 def offer(**kw):
-    return {"scheme": "deferred", "network": "eip155:84532", "amount": "1000",
-            "asset": ASSET.lower(), "payTo": PAY_TO, "maxTimeoutSeconds": 60, **kw}
+    return {
+        "scheme": "deferred",
+        "network": "eip155:84532",
+        "amount": "1000",
+        "asset": ASSET.lower(),
+        "payTo": PAY_TO,
+        "maxTimeoutSeconds": 60,
+        **kw,
+    }
 
 
 def test_v2_header_is_normalised():
@@ -35,9 +48,22 @@ def test_v2_header_is_normalised():
 
 
 def test_v1_body_with_network_name_and_max_amount_required():
-    body = json.dumps({"x402Version": 1, "error": "pay", "accepts": [{
-        "scheme": "deferred", "network": "base-sepolia", "maxAmountRequired": "250",
-        "resource": "https://a.example/y", "asset": ASSET, "payTo": PAY_TO}]}).encode()
+    body = json.dumps(
+        {
+            "x402Version": 1,
+            "error": "pay",
+            "accepts": [
+                {
+                    "scheme": "deferred",
+                    "network": "base-sepolia",
+                    "maxAmountRequired": "250",
+                    "resource": "https://a.example/y",
+                    "asset": ASSET,
+                    "payTo": PAY_TO,
+                }
+            ],
+        }
+    ).encode()
     c = parse_challenge(None, body)
     assert (c.version, c.error) == (1, "pay")
     assert (c.offers[0].network, c.offers[0].amount) == ("eip155:84532", 250)
@@ -50,27 +76,34 @@ def test_string_versions_are_tolerated():
     assert parse_challenge(b64json_encode(data).encode(), b"").version == 2
 
 
-@pytest.mark.parametrize(("header", "body", "reason"), [
-    (b"%%%", b"", "not base64"),
-    (b64json_encode([1, 2]).encode(), b"", "not a JSON object"),
-    (v2(offer(amount="0.50")), b"", "not a whole number"),
-    (v2(offer(amount="-5")), b"", "not a whole number"),
-    (v2(offer(amount="0")), b"", "out of range"),
-    (v2(offer(amount=str(2**256))), b"", "out of range"),
-    (v2(offer(amount=1.5)), b"", "no amount"),
-    (v2(offer(amount=None)), b"", "no amount"),
-    (v2(offer(payTo="nobody")), b"", "not an address"),
-    (v2(offer(network="moon")), b"", "no valid network"),
-    (b64json_encode({"x402Version": 3, "accepts": [offer()]}).encode(), b"", "unknown x402Version"),
-    (b64json_encode({"x402Version": True, "accepts": [offer()]}).encode(), b"", "not a number"),
-    (b64json_encode({"x402Version": 2, "accepts": []}).encode(), b"", "no 'accepts'"),
-    (v2(*[offer()] * 33), b"", "33 offers"),
-    (None, json.dumps({"x402Version": 1, "accepts": [offer()] * 200}).encode(), "200 offers"),
-    (b"A" * (16 * 1024 + 1), b"", "over 16 KiB"),
-    (None, b"<html>pay me</html>", "body is not JSON"),
-    (None, b"\xff\xfe", "body is not JSON"),
-    (None, b"{" * 70_000, "over 64 KiB"),
-])
+@pytest.mark.parametrize(
+    ("header", "body", "reason"),
+    [
+        (b"%%%", b"", "not base64"),
+        (b64json_encode([1, 2]).encode(), b"", "not a JSON object"),
+        (v2(offer(amount="0.50")), b"", "not a whole number"),
+        (v2(offer(amount="-5")), b"", "not a whole number"),
+        (v2(offer(amount="0")), b"", "out of range"),
+        (v2(offer(amount=str(2**256))), b"", "out of range"),
+        (v2(offer(amount=1.5)), b"", "no amount"),
+        (v2(offer(amount=None)), b"", "no amount"),
+        (v2(offer(payTo="nobody")), b"", "not an address"),
+        (v2(offer(network="moon")), b"", "no valid network"),
+        (
+            b64json_encode({"x402Version": 3, "accepts": [offer()]}).encode(),
+            b"",
+            "unknown x402Version",
+        ),
+        (b64json_encode({"x402Version": True, "accepts": [offer()]}).encode(), b"", "not a number"),
+        (b64json_encode({"x402Version": 2, "accepts": []}).encode(), b"", "no 'accepts'"),
+        (v2(*[offer()] * 33), b"", "33 offers"),
+        (None, json.dumps({"x402Version": 1, "accepts": [offer()] * 200}).encode(), "200 offers"),
+        (b"A" * (16 * 1024 + 1), b"", "over 16 KiB"),
+        (None, b"<html>pay me</html>", "body is not JSON"),
+        (None, b"\xff\xfe", "body is not JSON"),
+        (None, b"{" * 70_000, "over 64 KiB"),
+    ],
+)
 def test_malformed_terms_raise_with_a_reason(header, body, reason):
     with pytest.raises(InvalidChallenge, match=reason):
         parse_challenge(header, body)

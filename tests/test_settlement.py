@@ -24,25 +24,46 @@ def owe(ledger, payer, token, payee, amount, count=1):
     ids = []
     for _ in range(count):
         pid = "0x" + os.urandom(32).hex()
-        ledger.add(PaymentRecord(pid, "run", "deferred", "eip155:31337", token.address,
-                                 payer.address, payee, amount, Decimal(amount) / 10**6, "a.example",
-                                 "a.example", "http://a.example/", {}, 0))
+        ledger.add(
+            PaymentRecord(
+                pid,
+                "run",
+                "deferred",
+                "eip155:31337",
+                token.address,
+                payer.address,
+                payee,
+                amount,
+                Decimal(amount) / 10**6,
+                "a.example",
+                "a.example",
+                "http://a.example/",
+                {},
+                0,
+            )
+        )
         ledger.resolve(pid, Status.ACCEPTED, receipt={})
         ids.append(pid)
     return ids
 
 
 def settler(ledger, payer, chain, token, rpc=None):
-    return Settler(ledger, payer, {"eip155:31337": rpc or chain.url}, AssetTable(token.asset_setting()))
+    return Settler(
+        ledger, payer, {"eip155:31337": rpc or chain.url}, AssetTable(token.asset_setting())
+    )
 
 
-def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(ledger, payer, chain, token, payees):
+def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(
+    ledger, payer, chain, token, payees
+):
     owe(ledger, payer, token, payees[0], 1_000, count=5)
     owe(ledger, payer, token, payees[1], 7_000, count=2)
     s = settler(ledger, payer, chain, token)
     planned = s.settle(dry_run=True)
     assert sorted((o.status, o.amount, o.payment_count) for o in planned) == [
-        ("planned", 5_000, 5), ("planned", 14_000, 2)]
+        ("planned", 5_000, 5),
+        ("planned", 14_000, 2),
+    ]
     assert token.balance_of(payees[0]) == 0  # dry run sent nothing
     nonce_before = chain.w3.eth.get_transaction_count(payer.address)
     outcomes = s.settle()
@@ -53,7 +74,9 @@ def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(ledger, payer, 
     assert (token.balance_of(payees[0]), token.balance_of(payees[1])) == (5_000, 14_000)
 
 
-def test_transfer_carries_the_reference_of_the_commitments_it_pays(ledger, payer, chain, token, payees):
+def test_transfer_carries_the_reference_of_the_commitments_it_pays(
+    ledger, payer, chain, token, payees
+):
     from scrapy_x402.paywall import settlement_reference
 
     ids = owe(ledger, payer, token, payees[0], 1_000, count=3)
@@ -76,7 +99,9 @@ def test_crash_after_broadcast_before_recording_pays_once(ledger, payer, chain, 
     assert {ledger.get_status(i) for i in ids} == {Status.SETTLED}
 
 
-def test_crash_before_broadcast_rebroadcasts_the_same_transaction(ledger, payer, chain, token, payees):
+def test_crash_before_broadcast_rebroadcasts_the_same_transaction(
+    ledger, payer, chain, token, payees
+):
     owe(ledger, payer, token, payees[0], 2_000)
     owed = ledger.owed(payer.address)[0]
     settlement = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
@@ -86,7 +111,9 @@ def test_crash_before_broadcast_rebroadcasts_the_same_transaction(ledger, payer,
     assert token.balance_of(payees[0]) == 2_000
 
 
-def test_a_replaced_transaction_is_detected_and_paid_again_once(ledger, payer, chain, token, payees):
+def test_a_replaced_transaction_is_detected_and_paid_again_once(
+    ledger, payer, chain, token, payees
+):
     owe(ledger, payer, token, payees[0], 4_000)
     owed = ledger.owed(payer.address)[0]
     stale = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)

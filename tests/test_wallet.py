@@ -33,7 +33,9 @@ def test_keystore_with_password_from_environment(tmp_path, monkeypatch):
     with pytest.raises(WalletError, match="wrong password"):
         load_account(config(X402_KEYSTORE_PATH=str(path), X402_KEYSTORE_PASSWORD_ENV="CRAWLER_PW"))
     monkeypatch.setenv("CRAWLER_PW", "s3cret")
-    loaded = load_account(config(X402_KEYSTORE_PATH=str(path), X402_KEYSTORE_PASSWORD_ENV="CRAWLER_PW"))
+    loaded = load_account(
+        config(X402_KEYSTORE_PATH=str(path), X402_KEYSTORE_PASSWORD_ENV="CRAWLER_PW")
+    )
     assert loaded.address == account.address
 
 

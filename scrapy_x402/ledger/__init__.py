@@ -23,7 +23,7 @@ def open_ledger(uri: str) -> Ledger:
         return SQLiteLedger(uri.removeprefix("sqlite:").removeprefix("//"))
     if "://" in uri:
         raise ValueError(
-            f"X402_LEDGER_URI {uri.split('://')[0]}:// is not supported; use a SQLite file path"
+            f"X402_LEDGER_URI {uri.split('://', maxsplit=1)[0]}:// is not supported; use a SQLite file path"
         )
     return SQLiteLedger(uri)
 

@@ -120,8 +120,7 @@ SCHEMA = [
 ]
 
 _SETTLEMENT_COLUMNS = (
-    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, "
-    "tx_nonce, reason"
+    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason"
 )
 
 
@@ -154,25 +153,55 @@ class Ledger(ABC):
                 "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
                 "network, asset, payer, payee, amount, usd, domain, budget_key, url, valid_until, "
                 "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (p.id, p.run_id, now, now, Status.RESERVED, p.scheme, p.network, p.asset,
-                 p.payer, p.payee, str(p.amount), str(p.usd), p.domain, p.budget_key, p.url,
-                 p.valid_until, json.dumps(p.payload, sort_keys=True)),
+                (
+                    p.id,
+                    p.run_id,
+                    now,
+                    now,
+                    Status.RESERVED,
+                    p.scheme,
+                    p.network,
+                    p.asset,
+                    p.payer,
+                    p.payee,
+                    str(p.amount),
+                    str(p.usd),
+                    p.domain,
+                    p.budget_key,
+                    p.url,
+                    p.valid_until,
+                    json.dumps(p.payload, sort_keys=True),
+                ),
             )
 
-    def resolve(self, payment_id: str, status: str, *, receipt: dict[str, Any] | None = None,
-                reason: str | None = None) -> bool:
+    def resolve(
+        self,
+        payment_id: str,
+        status: str,
+        *,
+        receipt: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> bool:
         """Move a reserved payment to accepted, rejected or failed; False if it was not reserved."""
         with self._transaction():
             cursor = self._execute(
                 "UPDATE x402_payments SET status = ?, receipt = ?, reason = ?, updated_at = ? "
                 "WHERE id = ? AND status = ?",
-                (status, json.dumps(receipt, sort_keys=True) if receipt is not None else None,
-                 reason, int(time.time()), payment_id, Status.RESERVED),
+                (
+                    status,
+                    json.dumps(receipt, sort_keys=True) if receipt is not None else None,
+                    reason,
+                    int(time.time()),
+                    payment_id,
+                    Status.RESERVED,
+                ),
             )
             return bool(cursor.rowcount == 1)
 
     def get_status(self, payment_id: str) -> str | None:
-        row = self._execute("SELECT status FROM x402_payments WHERE id = ?", (payment_id,)).fetchone()
+        row = self._execute(
+            "SELECT status FROM x402_payments WHERE id = ?", (payment_id,)
+        ).fetchone()
         return row[0] if row else None
 
     def spent_by_budget(self, run_id: str) -> dict[str, Decimal]:
@@ -196,19 +225,22 @@ class Ledger(ABC):
         ):
             groups[(network, asset, payee)].append((pid, int(amount)))
         return [
-            OwedTotal(network, asset, payer, payee, sum(a for _, a in rows),
-                      tuple(pid for pid, _ in rows))
+            OwedTotal(
+                network, asset, payer, payee, sum(a for _, a in rows), tuple(pid for pid, _ in rows)
+            )
             for (network, asset, payee), rows in sorted(groups.items())
         ]
 
     def abandon_reserved(self, run_id: str, reason: str) -> int:
         """Mark a finished run's still-reserved payments failed: they were never served."""
         with self._transaction():
-            return int(self._execute(
-                "UPDATE x402_payments SET status = ?, reason = ?, updated_at = ? "
-                "WHERE run_id = ? AND status = ?",
-                (Status.FAILED, reason, int(time.time()), run_id, Status.RESERVED),
-            ).rowcount)
+            return int(
+                self._execute(
+                    "UPDATE x402_payments SET status = ?, reason = ?, updated_at = ? "
+                    "WHERE run_id = ? AND status = ?",
+                    (Status.FAILED, reason, int(time.time()), run_id, Status.RESERVED),
+                ).rowcount
+            )
 
     def summary(self, run_id: str | None = None) -> list[SummaryRow]:
         """Count, amount and USD per (domain, payee, network, asset, status)."""
@@ -234,8 +266,21 @@ class Ledger(ABC):
             self._execute(
                 f"INSERT INTO x402_settlements ({_SETTLEMENT_COLUMNS}, created_at, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (s.id, s.network, s.asset, s.payer, s.payee, str(s.amount), s.payment_count,
-                 "pending", s.raw_tx, s.tx_nonce, None, now, now),
+                (
+                    s.id,
+                    s.network,
+                    s.asset,
+                    s.payer,
+                    s.payee,
+                    str(s.amount),
+                    s.payment_count,
+                    "pending",
+                    s.raw_tx,
+                    s.tx_nonce,
+                    None,
+                    now,
+                    now,
+                ),
             )
             for pid in payment_ids:
                 cursor = self._execute(
@@ -246,7 +291,9 @@ class Ledger(ABC):
                 if cursor.rowcount != 1:
                     raise RuntimeError(f"payment {pid} is no longer owed; settlement aborted")
 
-    def finish_settlement(self, settlement_id: str, confirmed: bool, reason: str | None = None) -> None:
+    def finish_settlement(
+        self, settlement_id: str, confirmed: bool, reason: str | None = None
+    ) -> None:
         """Confirmed: its payments are settled. Failed: they are owed again."""
         now = int(time.time())
         with self._transaction():
@@ -277,6 +324,9 @@ class Ledger(ABC):
         ]
 
     def payment_ids(self, settlement_id: str) -> list[str]:
-        return [r[0] for r in self._execute(
-            "SELECT id FROM x402_payments WHERE settlement_id = ? ORDER BY id", (settlement_id,)
-        )]
+        return [
+            r[0]
+            for r in self._execute(
+                "SELECT id FROM x402_payments WHERE settlement_id = ? ORDER BY id", (settlement_id,)
+            )
+        ]

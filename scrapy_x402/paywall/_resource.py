@@ -31,9 +31,15 @@ class PaywallResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, wrapped: Resource, verifier: DeferredVerifier, price: int | Price,
-                 *, x402_version: int = 2,
-                 on_accept: Callable[[Commitment, Request], Any] | None = None):
+    def __init__(
+        self,
+        wrapped: Resource,
+        verifier: DeferredVerifier,
+        price: int | Price,
+        *,
+        x402_version: int = 2,
+        on_accept: Callable[[Commitment, Request], Any] | None = None,
+    ):
         super().__init__()
         self.wrapped = wrapped
         self.verifier = verifier

@@ -51,10 +51,17 @@ class DeferredVerifier:
 
     scheme = "deferred"
 
-    def __init__(self, network: str, asset: str, pay_to: str, *,
-                 nonces: NonceStore | None = None, max_timeout_seconds: int = 300,
-                 extra: Mapping[str, Any] | None = None,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        network: str,
+        asset: str,
+        pay_to: str,
+        *,
+        nonces: NonceStore | None = None,
+        max_timeout_seconds: int = 300,
+        extra: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
         chain_id = evm_chain_id(normalize_network(network) or "")
         if chain_id is None:
             raise ValueError(f"{network!r} is not an eip155:N network")
@@ -78,18 +85,26 @@ class DeferredVerifier:
             "extra": self.extra,
         }
         if version == 1:
-            offer.update(network=CAIP2_TO_V1.get(self.network, self.network),
-                         maxAmountRequired=str(amount), resource=url, mimeType="text/html",
-                         description="")
+            offer.update(
+                network=CAIP2_TO_V1.get(self.network, self.network),
+                maxAmountRequired=str(amount),
+                resource=url,
+                mimeType="text/html",
+                description="",
+            )
         else:
             offer["amount"] = str(amount)
         return offer
 
-    def payment_required(self, amount: int, url: str, version: int = 2,
-                         error: str = "payment required") -> dict[str, Any]:
+    def payment_required(
+        self, amount: int, url: str, version: int = 2, error: str = "payment required"
+    ) -> dict[str, Any]:
         """The PaymentRequired object (v2 header content, or v1 body)."""
-        terms: dict[str, Any] = {"x402Version": version, "error": error,
-                                 "accepts": [self.offer(amount, url, version)]}
+        terms: dict[str, Any] = {
+            "x402Version": version,
+            "error": error,
+            "accepts": [self.offer(amount, url, version)],
+        }
         if version == 2:
             terms["resource"] = {"url": url, "mimeType": "text/html"}
         return terms
@@ -136,8 +151,9 @@ class DeferredVerifier:
         if signer != commitment.payer:
             raise PaymentRejected("invalid_signature")
         # Last, so only a valid commitment uses up its nonce.
-        if not self.nonces.claim(commitment.payer, commitment.nonce, commitment.id,
-                                 commitment.valid_until):
+        if not self.nonces.claim(
+            commitment.payer, commitment.nonce, commitment.id, commitment.valid_until
+        ):
             raise PaymentRejected("nonce_reused")
         return commitment
 

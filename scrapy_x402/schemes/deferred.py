@@ -135,8 +135,9 @@ class DeferredScheme:
     def supports(self, offer: Offer) -> bool:
         return evm_chain_id(offer.network) is not None
 
-    def sign(self, account: Any, offer: Offer, resource_url: str, now: int,
-             max_timeout: int) -> SignedPayment:
+    def sign(
+        self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
+    ) -> SignedPayment:
         chain_id = evm_chain_id(offer.network)
         assert chain_id is not None
         timeout = min(offer.max_timeout_seconds or max_timeout, max_timeout)
@@ -151,10 +152,13 @@ class DeferredScheme:
             valid_until=now + timeout,
         )
         signed = account.sign_message(commitment.signable())
-        payload = {"signature": "0x" + signed.signature.hex().removeprefix("0x"),
-                   "commitment": commitment.to_json()}
-        return SignedPayment("0x" + signed.message_hash.hex().removeprefix("0x"), payload,
-                             commitment.valid_until)
+        payload = {
+            "signature": "0x" + signed.signature.hex().removeprefix("0x"),
+            "commitment": commitment.to_json(),
+        }
+        return SignedPayment(
+            "0x" + signed.message_hash.hex().removeprefix("0x"), payload, commitment.valid_until
+        )
 
 
 def settlement_reference(commitment_ids: list[str]) -> bytes:

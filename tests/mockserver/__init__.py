@@ -23,7 +23,9 @@ class MockServer:
     def __enter__(self) -> MockServer:
         self._process = subprocess.Popen(
             [sys.executable, "-m", "tests.mockserver.site", str(self.config_path)],
-            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
         )
         assert self._process.stdout is not None
         self.url = self._process.stdout.readline().strip()

@@ -11,7 +11,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from scrapy_x402._protocol import b64json_encode
-from scrapy_x402.paywall import Commitment, DeferredVerifier, PaymentRejected, PaywallResource
+from scrapy_x402.paywall import (
+    Commitment,
+    DeferredVerifier,
+    PaymentRejected,
+    PaywallResource,
+)
 from scrapy_x402.paywall._resource import request_url
 
 
@@ -43,12 +48,21 @@ class BadTerms(Resource):
     def render_GET(self, request: Request) -> bytes:
         case = request.postpath[0].decode() if request.postpath else ""
         request.setResponseCode(402)
-        offer = {"scheme": "deferred", "network": "eip155:31337", "amount": "1000",
-                 "asset": "0x" + "11" * 20, "payTo": "0x" + "22" * 20}
+        offer = {
+            "scheme": "deferred",
+            "network": "eip155:31337",
+            "amount": "1000",
+            "asset": "0x" + "11" * 20,
+            "payTo": "0x" + "22" * 20,
+        }
         headers = {
             "not-base64": "%%% not base64 %%%",
-            "decimal-amount": b64json_encode({"x402Version": 2, "accepts": [{**offer, "amount": "0.50"}]}),
-            "negative-amount": b64json_encode({"x402Version": 2, "accepts": [{**offer, "amount": "-5"}]}),
+            "decimal-amount": b64json_encode(
+                {"x402Version": 2, "accepts": [{**offer, "amount": "0.50"}]}
+            ),
+            "negative-amount": b64json_encode(
+                {"x402Version": 2, "accepts": [{**offer, "amount": "-5"}]}
+            ),
             "unknown-version": b64json_encode({"x402Version": 7, "accepts": [offer]}),
             # Over the parser's 32-offer cap, under Twisted's 16 KiB header-line limit.
             "many-offers": b64json_encode({"x402Version": 2, "accepts": [offer] * 40}),
@@ -64,21 +78,40 @@ def build_site(config: dict[str, Any]) -> Site:
 
     def record(section: str):
         def on_accept(commitment: Commitment, request: Request) -> None:
-            book.write(json.dumps({"id": commitment.id, "section": section,
-                                   "payer": commitment.payer, "payee": commitment.payee,
-                                   "amount": str(commitment.amount),
-                                   "url": request_url(request)}) + "\n")
+            book.write(
+                json.dumps(
+                    {
+                        "id": commitment.id,
+                        "section": section,
+                        "payer": commitment.payer,
+                        "payee": commitment.payee,
+                        "amount": str(commitment.amount),
+                        "url": request_url(request),
+                    }
+                )
+                + "\n"
+            )
             book.flush()
+
         return on_accept
 
     for name, section in config["sections"].items():
         args = (config["network"], section.get("asset", config["asset"]), section["payee"])
-        verifier = (RefusingVerifier(*args, reason=section["refuse"]) if section.get("refuse")
-                    else DeferredVerifier(*args))
-        root.putChild(name.encode(), PaywallResource(
-            Page(), verifier, int(section["price"]), x402_version=section.get("version", 2),
-            on_accept=record(name),
-        ))
+        verifier = (
+            RefusingVerifier(*args, reason=section["refuse"])
+            if section.get("refuse")
+            else DeferredVerifier(*args)
+        )
+        root.putChild(
+            name.encode(),
+            PaywallResource(
+                Page(),
+                verifier,
+                int(section["price"]),
+                x402_version=section.get("version", 2),
+                on_accept=record(name),
+            ),
+        )
     root.putChild(b"bad", BadTerms())
     root.putChild(b"free", Page())
     return Site(root)
