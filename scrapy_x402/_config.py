@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from scrapy.settings import BaseSettings
+from scrapy.utils.conf import closest_scrapy_cfg
 from scrapy.utils.job import job_dir
 
 from scrapy_x402._assets import AssetTable
@@ -60,9 +61,7 @@ class X402Config:
     @classmethod
     def from_settings(cls, settings: BaseSettings) -> X402Config:
         jobdir = job_dir(settings)
-        ledger_uri = settings.get("X402_LEDGER_URI") or str(
-            Path(jobdir) / LEDGER_FILENAME if jobdir else LEDGER_FILENAME
-        )
+        ledger_uri = settings.get("X402_LEDGER_URI") or _default_ledger(jobdir)
         max_total = settings.get("X402_MAX_TOTAL")
         networks = settings.getlist("X402_NETWORKS")
         return cls(
@@ -97,6 +96,14 @@ class X402Config:
             settlement_timeout=settings.getint("X402_SETTLEMENT_TIMEOUT", 120),
             jobdir=jobdir,
         )
+
+
+def _default_ledger(jobdir: str | None) -> str:
+    """In JOBDIR when set, else beside the project's scrapy.cfg, else here."""
+    if jobdir:
+        return str(Path(jobdir) / LEDGER_FILENAME)
+    project_cfg = closest_scrapy_cfg()
+    return str(Path(project_cfg).parent / LEDGER_FILENAME) if project_cfg else LEDGER_FILENAME
 
 
 def _network(name: str) -> str:

@@ -147,8 +147,12 @@ class X402DownloaderMiddleware:
             dont_filter=True, priority=request.priority + self.config.priority_adjust
         )
         paid.headers[header] = value
+        # dont_redirect: a payment is for this URL; it never follows a redirect elsewhere.
         paid.meta.update(
-            _x402_payment=signed.id, _x402_attempts=attempts + 1, _x402_reserved=(key, str(usd))
+            _x402_payment=signed.id,
+            _x402_attempts=attempts + 1,
+            _x402_reserved=(key, str(usd)),
+            dont_redirect=True,
         )
         paid.meta["x402_payment"] = {
             "id": signed.id,
@@ -232,8 +236,20 @@ class X402DownloaderMiddleware:
     def _paid_response(self, request: Request, response: Response) -> Request | Response:
         domain = urlparse_cached(request).hostname or ""
         receipt = parse_receipt(response.headers)
+        scheme = SCHEMES[request.meta["x402_payment"]["scheme"]]
+        payment_id = request.meta["_x402_payment"]
+        if 200 <= response.status < 300 and not scheme.receipt_confirms(receipt, payment_id):
+            self._release(request, Status.FAILED, "no_receipt")
+            self._once(
+                logging.WARNING,
+                ("no_receipt", domain),
+                "x402: %s served a paid page without a receipt for the payment; "
+                "it is not treated as owed",
+                domain,
+            )
+            return response
         if 200 <= response.status < 300:
-            payment_id = request.meta.pop("_x402_payment")
+            request.meta.pop("_x402_payment")
             usd = request.meta.pop("_x402_reserved")[1]
             if self.session.ledger.resolve(payment_id, Status.ACCEPTED, receipt=receipt or {}):
                 self._inc("x402/payment_count")

@@ -80,6 +80,7 @@ async def test_pays_the_cheapest_acceptable_offer_and_records_it_first(settings)
     response = response402(*candidates)
     paid = await mw.process_response(response.request, response)
     assert isinstance(paid, Request) and paid.dont_filter
+    assert paid.meta["dont_redirect"]  # the payment never follows a redirect elsewhere
     sent = b64json_decode(paid.headers["PAYMENT-SIGNATURE"])
     assert sent["x402Version"] == 2
     assert sent["accepted"] == candidates[3]  # echoed verbatim
@@ -179,10 +180,29 @@ async def test_paid_responses_settle_the_reservation(settings):
         await mw.process_response(r.request, r)
         for r in (response402(offer()), response402(offer()))
     ]
-    served = Response(URL, status=200, request=again[0])
+    receipt = {"success": True, "extra": {"commitmentId": again[0].meta["_x402_payment"]}}
+    served = Response(
+        URL, status=200, request=again[0], headers={"PAYMENT-RESPONSE": b64json_encode(receipt)}
+    )
     await mw.process_response(again[0], served)
     assert ledger.get_status(again[0].meta["x402_payment"]["id"]) == Status.ACCEPTED
     failed = Response(URL, status=500, request=again[1])
     await mw.process_response(again[1], failed)
     assert ledger.get_status(again[1].meta["x402_payment"]["id"]) == Status.FAILED
     assert mw.session.budgets.spent("news.example") == mw.session.budgets.limit("news.example") / 2
+
+
+@deferred_f_from_coro_f
+async def test_a_page_served_without_a_receipt_for_the_payment_is_not_owed(settings, caplog):
+    mw, crawler = middleware(settings)
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    for receipt in (None, {"success": True, "extra": {"commitmentId": "0x" + "00" * 32}}):
+        first = response402(offer())
+        paid = await mw.process_response(first.request, first)
+        headers = {"PAYMENT-RESPONSE": b64json_encode(receipt)} if receipt else {}
+        served = Response(URL, status=200, request=paid, headers=headers)
+        assert await mw.process_response(paid, served) is served
+        assert ledger.get_status(paid.meta["x402_payment"]["id"]) == Status.FAILED
+    assert crawler.stats.get_value("x402/payment_failed/no_receipt") == 2
+    assert mw.session.budgets.spent("news.example") == 0
+    assert caplog.text.count("without a receipt for the payment") == 1

@@ -135,6 +135,13 @@ class DeferredScheme:
     def supports(self, offer: Offer) -> bool:
         return evm_chain_id(offer.network) is not None
 
+    def receipt_confirms(self, receipt: Mapping[str, Any] | None, payment_id: str) -> bool:
+        """Only a receipt naming the commitment makes it owed (docs: section 6)."""
+        extra = (receipt or {}).get("extra")
+        return (
+            isinstance(extra, Mapping) and str(extra.get("commitmentId", "")).lower() == payment_id
+        )
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment:
