@@ -15,6 +15,7 @@ from scrapy.utils.job import job_dir
 
 from scrapy_x402._assets import AssetTable
 from scrapy_x402._networks import normalize_network
+from scrapy_x402.schemes import SCHEMES
 
 LEDGER_FILENAME = "x402-ledger.sqlite3"
 
@@ -50,10 +51,11 @@ class X402Config:
     max_timeout_seconds: int = 300
     max_total: Decimal | None = None
     networks: frozenset[str] | None = None
+    offer_policy: str = "cheapest"
     priority_adjust: int = 1
     private_key: str | None = field(default=None, repr=False)
     rpc_urls: Mapping[str, str] = field(default_factory=dict)
-    schemes: tuple[str, ...] = ("deferred",)
+    schemes: tuple[str, ...] = ("deferred", "exact")
     settle_on_close: bool = True
     settlement_timeout: int = 120
     jobdir: str | None = None
@@ -91,7 +93,12 @@ class X402Config:
             priority_adjust=settings.getint("X402_PRIORITY_ADJUST", 1),
             private_key=settings.get("X402_PRIVATE_KEY") or None,
             rpc_urls={_network(n): url for n, url in settings.getdict("X402_RPC_URLS").items()},
-            schemes=tuple(settings.getlist("X402_SCHEMES", ["deferred"])),
+            offer_policy=_choice(
+                settings.get("X402_OFFER_POLICY", "cheapest"),
+                "X402_OFFER_POLICY",
+                ("cheapest", "scheme_order"),
+            ),
+            schemes=_schemes(settings.getlist("X402_SCHEMES", ["deferred", "exact"])),
             settle_on_close=settings.getbool("X402_SETTLE_ON_CLOSE", True),
             settlement_timeout=settings.getint("X402_SETTLEMENT_TIMEOUT", 120),
             jobdir=jobdir,
@@ -104,6 +111,21 @@ def _default_ledger(jobdir: str | None) -> str:
         return str(Path(jobdir) / LEDGER_FILENAME)
     project_cfg = closest_scrapy_cfg()
     return str(Path(project_cfg).parent / LEDGER_FILENAME) if project_cfg else LEDGER_FILENAME
+
+
+def _schemes(names: list[str]) -> tuple[str, ...]:
+    for name in names:
+        if name not in SCHEMES:
+            raise ValueError(
+                f"X402_SCHEMES: unknown scheme {name!r}; known: {', '.join(sorted(SCHEMES))}"
+            )
+    return tuple(names)
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _network(name: str) -> str:

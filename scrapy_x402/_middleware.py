@@ -24,7 +24,7 @@ from scrapy_x402._protocol import (
 )
 from scrapy_x402._session import X402Session
 from scrapy_x402.ledger import PaymentRecord, Status
-from scrapy_x402.schemes import SCHEMES
+from scrapy_x402.schemes import SCHEMES, Confirmation
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -44,6 +44,7 @@ class X402DownloaderMiddleware:
         self.stats = crawler.stats
         self._said: set[tuple[str, ...]] = set()  # what was already logged, once per domain
         self._closing: Any = None
+        self._stopped_networks: set[str] = set()  # the wallet ran out of funds there
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> X402DownloaderMiddleware:
@@ -59,7 +60,7 @@ class X402DownloaderMiddleware:
     async def process_exception(self, request: Request, exception: Exception) -> None:
         # Reached only once RetryMiddleware gave up: the page was never served.
         if "_x402_payment" in request.meta:
-            self._release(request, Status.FAILED, type(exception).__name__)
+            self._unconfirmed(request, type(exception).__name__)
 
     # -- paying ----------------------------------------------------------------------
 
@@ -97,6 +98,8 @@ class X402DownloaderMiddleware:
         budgets = self.session.budgets
         key = budgets.key_for(domain)
         refused = budgets.reserve(key, usd)
+        if refused is not None and self.session.release_expired_holds():
+            refused = budgets.reserve(key, usd)
         if refused is not None:
             self._budget_exceeded(domain, refused)
             return response
@@ -108,7 +111,9 @@ class X402DownloaderMiddleware:
                 int(time.time()),
                 self.config.max_timeout_seconds,
             )
-            header, value = payment_header(challenge, offer, signed.payload)
+            header, value = payment_header(
+                challenge, offer, signed.payload, _echo_extensions(challenge, signed.id)
+            )
             # Recorded before the paid request leaves: a crash can never lose a signature.
             self.session.ledger.add(
                 PaymentRecord(
@@ -169,8 +174,8 @@ class X402DownloaderMiddleware:
     def _choose(
         self, challenge: Challenge, max_price: Decimal, domain: str
     ) -> tuple[Offer, Asset, Decimal] | None:
-        """The cheapest offer the settings allow, in USD; None if no offer is acceptable."""
-        best: tuple[Offer, Asset, Decimal] | None = None
+        """The offer X402_OFFER_POLICY picks among those the settings allow, or None."""
+        acceptable: list[tuple[tuple[Any, ...], Offer, Asset, Decimal]] = []
         refusals = []
         for offer in challenge.offers:
             reason, asset = self._refusal(offer)
@@ -178,30 +183,40 @@ class X402DownloaderMiddleware:
                 usd = asset.to_usd(offer.amount)
                 if usd > max_price:
                     reason = "max_price"
-                elif best is None or usd < best[2]:
-                    best = (offer, asset, usd)
+                else:
+                    rank = self.config.schemes.index(offer.scheme)
+                    order = (
+                        (rank, usd) if self.config.offer_policy == "scheme_order" else (usd, rank)
+                    )
+                    acceptable.append((order, offer, asset, usd))
             if reason:
                 refusals.append(reason)
                 self._inc(f"x402/offer_refused/{reason}")
-        if best is None:
-            self._inc("x402/no_acceptable_offer")
-            self._once(
-                logging.INFO,
-                ("refused", domain, *refusals),
-                "x402: no acceptable offer from %s (refused: %s); not paying",
-                domain,
-                ", ".join(refusals),
-            )
-        return best
+        if acceptable:
+            _, offer, asset, usd = min(acceptable, key=lambda choice: choice[0])
+            return offer, asset, usd
+        self._inc("x402/no_acceptable_offer")
+        self._once(
+            logging.INFO,
+            ("refused", domain, *refusals),
+            "x402: no acceptable offer from %s (refused: %s); not paying",
+            domain,
+            ", ".join(refusals),
+        )
+        return None
 
     def _refusal(self, offer: Offer) -> tuple[str | None, Asset | None]:
         scheme = SCHEMES.get(offer.scheme)
-        if offer.scheme not in self.config.schemes or scheme is None or not scheme.supports(offer):
+        if offer.scheme not in self.config.schemes or scheme is None:
             return "scheme", None
+        if reason := scheme.refusal(offer):
+            return reason, None
         if self.config.networks is not None and offer.network not in self.config.networks:
             return "network", None
         if not is_testnet(offer.network) and not self.config.allow_mainnet:
             return "mainnet", None
+        if offer.network in self._stopped_networks:
+            return "insufficient_funds", None
         asset = self.config.assets.get(offer.network, offer.asset)
         if asset is None:
             return "asset", None
@@ -236,35 +251,35 @@ class X402DownloaderMiddleware:
     def _paid_response(self, request: Request, response: Response) -> Request | Response:
         domain = urlparse_cached(request).hostname or ""
         receipt = parse_receipt(response.headers)
-        scheme = SCHEMES[request.meta["x402_payment"]["scheme"]]
-        payment_id = request.meta["_x402_payment"]
-        if 200 <= response.status < 300 and not scheme.receipt_confirms(receipt, payment_id):
-            self._release(request, Status.FAILED, "no_receipt")
-            self._once(
-                logging.WARNING,
-                ("no_receipt", domain),
-                "x402: %s served a paid page without a receipt for the payment; "
-                "it is not treated as owed",
+        if 200 <= response.status < 300:
+            scheme = SCHEMES[request.meta["x402_payment"]["scheme"]]
+            confirmation = scheme.confirmation(receipt, request.meta["_x402_payment"])
+            if confirmation is None:
+                self._unconfirmed(request, "no_receipt")
+                self._once(
+                    logging.WARNING,
+                    ("no_receipt", domain),
+                    "x402: %s served a paid page without a receipt confirming the payment",
+                    domain,
+                )
+            else:
+                self._confirmed(request, confirmation, receipt, domain)
+            return response
+        if response.status != 402:
+            self._unconfirmed(request, f"http_{response.status}")
+            return response
+        reason = str((receipt or {}).get("errorReason") or _challenge_error(response) or "refused")
+        network = request.meta["x402_payment"]["network"]
+        self._unconfirmed(request, reason, refused=True)
+        if reason == "insufficient_funds" and network not in self._stopped_networks:
+            self._stopped_networks.add(network)
+            logger.error(
+                "x402: the wallet has insufficient funds on %s (%s said so); "
+                "no more payments on that network in this crawl",
+                network,
                 domain,
             )
-            return response
-        if 200 <= response.status < 300:
-            request.meta.pop("_x402_payment")
-            usd = request.meta.pop("_x402_reserved")[1]
-            if self.session.ledger.resolve(payment_id, Status.ACCEPTED, receipt=receipt or {}):
-                self._inc("x402/payment_count")
-                self._inc(f"x402/payment_count/{domain}")
-                spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(
-                    usd
-                )
-                self.stats.set_value(f"x402/spent_usd/{domain}", str(spent))
-                request.meta["x402_payment"].update(status=Status.ACCEPTED, receipt=receipt)
-            return response
-        if response.status == 402:
-            reason = str(
-                (receipt or {}).get("errorReason") or _challenge_error(response) or "refused"
-            )
-            self._release(request, Status.REJECTED, reason)
+        else:
             self._once(
                 logging.WARNING,
                 ("rejected", domain, reason),
@@ -272,20 +287,44 @@ class X402DownloaderMiddleware:
                 domain,
                 reason,
             )
-            if request.meta.get("_x402_attempts", 0) < self.config.max_payment_attempts:
-                return self._pay(request, response)
-            return response
-        self._release(request, Status.FAILED, f"http_{response.status}")
+        if request.meta.get("_x402_attempts", 0) < self.config.max_payment_attempts:
+            return self._pay(request, response)
         return response
 
-    def _release(self, request: Request, status: str, reason: str) -> None:
-        """The payment was not accepted, so it is never settled: free its reservation."""
+    def _confirmed(
+        self, request: Request, confirmation: Confirmation, receipt: Any, domain: str
+    ) -> None:
+        payment_id = request.meta.pop("_x402_payment")
+        usd = request.meta.pop("_x402_reserved")[1]
+        if not self.session.ledger.resolve(
+            payment_id,
+            confirmation.status,
+            receipt=receipt or {},
+            transaction=confirmation.transaction,
+        ):
+            return
+        self._inc("x402/payment_count")
+        self._inc(f"x402/payment_count/{domain}")
+        spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(usd)
+        self.stats.set_value(f"x402/spent_usd/{domain}", str(spent))
+        request.meta["x402_payment"].update(
+            status=confirmation.status, receipt=receipt, transaction=confirmation.transaction
+        )
+
+    def _unconfirmed(self, request: Request, reason: str, refused: bool = False) -> None:
+        """The payment was not confirmed. A commitment is then never settled, so its
+        reservation is freed; a signed transfer stays held until it expires."""
+        payment = request.meta["x402_payment"]
         payment_id = request.meta.pop("_x402_payment")
         key, usd = request.meta.pop("_x402_reserved")
-        if self.session.ledger.resolve(payment_id, status, reason=reason[:200]):
+        held = SCHEMES[payment["scheme"]].held_until_expiry
+        status = Status.HELD if held else Status.REJECTED if refused else Status.FAILED
+        if self.session.ledger.resolve(payment_id, status, reason=reason[:200]) and not held:
             self.session.budgets.release(key, Decimal(usd))
-        self._inc(f"x402/payment_{status}/{reason[:64]}")
-        request.meta["x402_payment"].update(status=status, reason=reason)
+        self._inc(f"x402/payment_{'rejected' if refused else 'failed'}/{reason[:64]}")
+        if held:
+            self._inc("x402/payment_held")
+        payment.update(status=status, reason=reason)
 
     def _inc(self, key: str, count: int = 1) -> None:
         self.stats.inc_value(key, count)
@@ -294,6 +333,17 @@ class X402DownloaderMiddleware:
         if key not in self._said:
             self._said.add(key)
             logger.log(level, msg, *args)
+
+
+def _echo_extensions(challenge: Challenge, payment_id: str) -> dict[str, Any]:
+    """The extensions a client echoes. ``payment-identifier`` gets the payment's id: a
+    retry of the request (RetryMiddleware copies its headers) resends the same id."""
+    declared = challenge.extensions.get("payment-identifier")
+    if not isinstance(declared, dict):
+        return {}
+    info = declared.get("info")
+    info = info if isinstance(info, dict) else {}
+    return {"payment-identifier": {**declared, "info": {**info, "id": payment_id[2:]}}}
 
 
 def _challenge_error(response: Response) -> str | None:

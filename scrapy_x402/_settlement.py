@@ -16,6 +16,7 @@ from eth_typing import HexStr
 from web3 import Web3
 from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
 
+from scrapy_x402._chain import ChainMismatch, connect, token_balance
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402.ledger import Ledger, OwedTotal, Settlement
 from scrapy_x402.schemes.deferred import settlement_reference
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")  # transfer(address,uint256)
-BALANCE_OF_SELECTOR = bytes.fromhex("70a08231")  # balanceOf(address)
 
 
 class SettlementError(Exception):
@@ -87,25 +87,19 @@ class Settler:
 
     def _w3(self, network: str) -> Web3:
         if network not in self._web3:
-            w3 = Web3(Web3.HTTPProvider(self.rpc_urls[network], request_kwargs={"timeout": 30}))
-            actual = w3.eth.chain_id
-            if actual != evm_chain_id(network):
-                raise SettlementError(
-                    f"the RPC URL for {network} serves chain id {actual}; refusing to send"
-                )
-            self._web3[network] = w3
+            self._web3[network] = connect(self.rpc_urls[network], network)
         return self._web3[network]
 
     def _pay(self, owed: OwedTotal) -> Outcome:
         try:
             w3 = self._w3(owed.network)
-            balance = _token_balance(w3, owed.asset, self.account.address)
+            balance = token_balance(w3, owed.asset, self.account.address)
             if balance < owed.amount:
                 raise SettlementError(
                     f"token balance {balance} is below the {owed.amount} owed; nothing was sent"
                 )
             settlement = self._sign_transfer(w3, owed)
-        except (SettlementError, Web3RPCError, OSError, ValueError) as e:
+        except (SettlementError, ChainMismatch, Web3RPCError, OSError, ValueError) as e:
             logger.error("x402 settlement to %s on %s failed: %s", owed.payee, owed.network, e)
             return _outcome(owed, "failed", reason=str(e))
         # Written before it is broadcast: from here on, the chain decides what happened.
@@ -208,7 +202,7 @@ class Settler:
                 if "known" not in str(e).lower():
                     raise
             return self._await(w3, s, payment_ids)
-        except (SettlementError, Web3RPCError, OSError) as e:
+        except (SettlementError, ChainMismatch, Web3RPCError, OSError) as e:
             return self._unknown(owed, s, e)
 
     def _unknown(self, owed: OwedTotal, s: Settlement, error: Exception) -> Outcome:
@@ -224,11 +218,6 @@ class Settler:
     def _format(self, network: str, asset: str, amount: int) -> str:
         known = self.assets.get(network, asset)
         return known.format(amount) if known else f"{amount} units of {asset}"
-
-
-def _token_balance(w3: Web3, token: str, owner: str) -> int:
-    data = BALANCE_OF_SELECTOR + abi_encode(["address"], [owner])
-    return int.from_bytes(w3.eth.call({"to": token, "data": data}), "big")  # type: ignore[typeddict-item]
 
 
 def _outcome(

@@ -11,7 +11,8 @@ def test_defaults_are_safe():
     assert c.enabled and c.settle_on_close and not c.allow_mainnet
     assert c.default_budget == Decimal(0) and c.max_total is None
     assert c.max_price == Decimal("0.10") and c.max_payment_attempts == 1
-    assert c.schemes == ("deferred",) and c.ledger_uri == "x402-ledger.sqlite3"
+    assert c.schemes == ("deferred", "exact") and c.offer_policy == "cheapest"
+    assert c.ledger_uri == "x402-ledger.sqlite3"
     assert (
         c.assets.get("eip155:84532", "0x036cbd53842c5426634e7929541ec2318f3dcf7e").symbol == "USDC"
     )
@@ -43,6 +44,8 @@ def test_values_are_parsed_once(tmp_path):
         ({"X402_BUDGETS": {"a.example": "lots"}}, "USD amount"),
         ({"X402_DEFAULT_BUDGET": "-1"}, "non-negative"),
         ({"X402_RPC_URLS": {"mars": "x"}}, "not a network name"),
+        ({"X402_SCHEMES": ["deferred", "barter"]}, "unknown scheme 'barter'"),
+        ({"X402_OFFER_POLICY": "random"}, "must be one of cheapest, scheme_order"),
         (
             {"X402_ASSETS": {"eip155:1": {"0x" + "11" * 20: {"decimals": 6, "usd": 1.0}}}},
             "not a float",

@@ -75,7 +75,7 @@ async def test_pays_the_cheapest_acceptable_offer_and_records_it_first(settings)
         offer("100", network="eip155:8453", asset=USDC_BASE),  # mainnet: refused
         offer("50", asset="0x" + "12" * 20),  # no peg: refused
         offer("20000"),
-        offer("10", scheme="exact"),  # not an allowed scheme
+        offer("10", scheme="barter"),  # not a scheme we know
     ]
     response = response402(*candidates)
     paid = await mw.process_response(response.request, response)
@@ -170,11 +170,11 @@ async def test_paid_responses_settle_the_reservation(settings):
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     first = response402(offer())
     paid = await mw.process_response(first.request, first)
-    refusal = b64json_encode({"success": False, "errorReason": "insufficient_funds"})
+    refusal = b64json_encode({"success": False, "errorReason": "expired"})
     refused = Response(URL, status=402, request=paid, headers={"PAYMENT-RESPONSE": refusal})
     assert await mw.process_response(paid, refused) is refused  # passed on, not paid again
     assert ledger.get_status(paid.meta["x402_payment"]["id"]) == Status.REJECTED
-    assert crawler.stats.get_value("x402/payment_rejected/insufficient_funds") == 1
+    assert crawler.stats.get_value("x402/payment_rejected/expired") == 1
     # The refused reservation was released: two more pages fit in 0.02.
     again = [
         await mw.process_response(r.request, r)
@@ -205,4 +205,22 @@ async def test_a_page_served_without_a_receipt_for_the_payment_is_not_owed(setti
         assert ledger.get_status(paid.meta["x402_payment"]["id"]) == Status.FAILED
     assert crawler.stats.get_value("x402/payment_failed/no_receipt") == 2
     assert mw.session.budgets.spent("news.example") == 0
-    assert caplog.text.count("without a receipt for the payment") == 1
+    assert caplog.text.count("without a receipt confirming the payment") == 1
+
+
+@deferred_f_from_coro_f
+async def test_insufficient_funds_stops_paying_on_that_network(settings, caplog):
+    mw, crawler = middleware(settings)
+    refusal = b64json_encode({"success": False, "errorReason": "insufficient_funds"})
+    for n in range(2):
+        first = response402(offer(), url=f"{URL}{n}")
+        paid = await mw.process_response(first.request, first)
+        refused = Response(
+            paid.url, status=402, request=paid, headers={"PAYMENT-RESPONSE": refusal}
+        )
+        await mw.process_response(paid, refused)
+    # The first refusal stops the network: the second page is not even signed.
+    assert crawler.stats.get_value("x402/payment_signed") == 1
+    assert crawler.stats.get_value("x402/offer_refused/insufficient_funds") == 1
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "insufficient funds on eip155:84532" in errors[0].getMessage()

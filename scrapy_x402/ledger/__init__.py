@@ -7,6 +7,7 @@ uint256 does not fit in 64-bit integers). Back-ends only provide a connection.
 from __future__ import annotations
 
 from scrapy_x402.ledger._base import (
+    HeldPayment,
     Ledger,
     OwedTotal,
     PaymentRecord,
@@ -29,6 +30,7 @@ def open_ledger(uri: str) -> Ledger:
 
 
 __all__ = [
+    "HeldPayment",
     "Ledger",
     "OwedTotal",
     "PaymentRecord",

@@ -16,10 +16,12 @@ class Status:
     ACCEPTED = "accepted"  # the publisher served the page: owed
     REJECTED = "rejected"  # the publisher refused it (402): never paid
     FAILED = "failed"  # no success response: not accepted, never paid
+    HELD = "held"  # not confirmed, but collectable by others until it expires (exact)
+    EXPIRED = "expired"  # a held payment that expired uncollected: never paid
     SETTLING = "settling"  # in a settlement transaction not yet confirmed
     SETTLED = "settled"  # paid on-chain
 
-    COUNTED = (RESERVED, ACCEPTED, SETTLING, SETTLED)  # what budgets count as spent
+    COUNTED = (RESERVED, ACCEPTED, HELD, SETTLING, SETTLED)  # what budgets count as spent
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class PaymentRecord:
     url: str
     payload: dict[str, Any]
     valid_until: int
+
+
+@dataclass(frozen=True)
+class HeldPayment:
+    id: str
+    budget_key: str
+    usd: Decimal
+    network: str
+    asset: str
+    payer: str
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -181,22 +194,41 @@ class Ledger(ABC):
         *,
         receipt: dict[str, Any] | None = None,
         reason: str | None = None,
+        transaction: str | None = None,
+        current: str = Status.RESERVED,
     ) -> bool:
-        """Move a reserved payment to accepted, rejected or failed; False if it was not reserved."""
+        """Move a payment on from ``current``; False if it was not in that status.
+
+        ``transaction`` is the hash of the transaction that paid it, when it was paid
+        immediately (exact) rather than by a settlement of ours.
+        """
         with self._transaction():
             cursor = self._execute(
-                "UPDATE x402_payments SET status = ?, receipt = ?, reason = ?, updated_at = ? "
+                "UPDATE x402_payments SET status = ?, receipt = COALESCE(?, receipt), "
+                "reason = ?, settlement_id = COALESCE(?, settlement_id), updated_at = ? "
                 "WHERE id = ? AND status = ?",
                 (
                     status,
                     json.dumps(receipt, sort_keys=True) if receipt is not None else None,
                     reason,
+                    transaction,
                     int(time.time()),
                     payment_id,
-                    Status.RESERVED,
+                    current,
                 ),
             )
             return bool(cursor.rowcount == 1)
+
+    def expired_holds(self, run_id: str, now: int) -> list[HeldPayment]:
+        """A run's held payments whose signatures can no longer be collected."""
+        return [
+            HeldPayment(r[0], r[1], Decimal(r[2]), r[3], r[4], r[5], json.loads(r[6]))
+            for r in self._execute(
+                "SELECT id, budget_key, usd, network, asset, payer, payload FROM x402_payments "
+                "WHERE run_id = ? AND status = ? AND valid_until < ?",
+                (run_id, Status.HELD, now),
+            )
+        ]
 
     def get_status(self, payment_id: str) -> str | None:
         row = self._execute(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from scrapy_x402.schemes.deferred import DeferredScheme, SignedPayment
+from scrapy_x402.schemes._base import Confirmation, Scheme, SignedPayment
+from scrapy_x402.schemes.deferred import DeferredScheme
+from scrapy_x402.schemes.exact import ExactScheme
 
-SCHEMES = {DeferredScheme.name: DeferredScheme()}
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (DeferredScheme(), ExactScheme())}
 
-__all__ = ["SCHEMES", "DeferredScheme", "SignedPayment"]
+__all__ = ["SCHEMES", "Confirmation", "DeferredScheme", "ExactScheme", "Scheme", "SignedPayment"]

@@ -6,7 +6,6 @@ its EIP-712 part: building, signing, recovering and identifying commitments.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,14 @@ from eth_utils import is_hex_address, keccak, to_checksum_address
 
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
+from scrapy_x402.ledger import Status
+from scrapy_x402.schemes._base import (
+    Confirmation,
+    SignedPayment,
+    hex0x,
+    random_nonce,
+    validity,
+)
 
 DOMAIN_NAME = "x402 deferred"
 DOMAIN_VERSION = "1"
@@ -122,32 +129,27 @@ def _bytes32(value: Any) -> str:
     return value.lower()
 
 
-@dataclass(frozen=True)
-class SignedPayment:
-    id: str  # ledger id of the payment
-    payload: dict[str, Any]  # the scheme payload placed in the payment header
-    valid_until: int
-
-
 class DeferredScheme:
     name = "deferred"
+    held_until_expiry = False  # a commitment moves nothing by itself: only we settle it
 
-    def supports(self, offer: Offer) -> bool:
-        return evm_chain_id(offer.network) is not None
+    def refusal(self, offer: Offer) -> str | None:
+        return None if evm_chain_id(offer.network) is not None else "network"
 
-    def receipt_confirms(self, receipt: Mapping[str, Any] | None, payment_id: str) -> bool:
+    def confirmation(
+        self, receipt: Mapping[str, Any] | None, payment_id: str
+    ) -> Confirmation | None:
         """Only a receipt naming the commitment makes it owed (docs: section 6)."""
         extra = (receipt or {}).get("extra")
-        return (
-            isinstance(extra, Mapping) and str(extra.get("commitmentId", "")).lower() == payment_id
-        )
+        if isinstance(extra, Mapping) and str(extra.get("commitmentId", "")).lower() == payment_id:
+            return Confirmation(Status.ACCEPTED)
+        return None
 
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment:
         chain_id = evm_chain_id(offer.network)
         assert chain_id is not None
-        timeout = min(offer.max_timeout_seconds or max_timeout, max_timeout)
         commitment = Commitment(
             chain_id=chain_id,
             payer=account.address,
@@ -155,17 +157,12 @@ class DeferredScheme:
             token=offer.asset,
             amount=offer.amount,
             resource=resource_hash(resource_url),
-            nonce="0x" + os.urandom(32).hex(),
-            valid_until=now + timeout,
+            nonce=random_nonce(),
+            valid_until=validity(offer, now, max_timeout),
         )
         signed = account.sign_message(commitment.signable())
-        payload = {
-            "signature": "0x" + signed.signature.hex().removeprefix("0x"),
-            "commitment": commitment.to_json(),
-        }
-        return SignedPayment(
-            "0x" + signed.message_hash.hex().removeprefix("0x"), payload, commitment.valid_until
-        )
+        payload = {"signature": hex0x(signed.signature), "commitment": commitment.to_json()}
+        return SignedPayment(hex0x(signed.message_hash), payload, commitment.valid_until)
 
 
 def settlement_reference(commitment_ids: list[str]) -> bytes:

@@ -1,0 +1,112 @@
+"""The ``exact`` scheme on EVM with EIP-3009: a signed TransferWithAuthorization that the
+server's facilitator submits on-chain. Money moves at once; anyone holding the signature can
+submit it until ``validBefore``, so an unconfirmed one stays counted until then."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from eth_account.messages import encode_typed_data
+
+from scrapy_x402._networks import evm_chain_id
+from scrapy_x402._protocol import Offer
+from scrapy_x402.ledger import Status
+from scrapy_x402.schemes._base import (
+    Confirmation,
+    SignedPayment,
+    hex0x,
+    random_nonce,
+    validity,
+)
+
+TRANSFER_WITH_AUTHORIZATION = [
+    {"name": "from", "type": "address"},
+    {"name": "to", "type": "address"},
+    {"name": "value", "type": "uint256"},
+    {"name": "validAfter", "type": "uint256"},
+    {"name": "validBefore", "type": "uint256"},
+    {"name": "nonce", "type": "bytes32"},
+]
+TOKEN_DOMAIN = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+CLOCK_SKEW = 600  # validAfter lies this far in the past, so a server's slow clock still accepts
+_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
+def authorization_typed_data(
+    authorization: Mapping[str, Any], chain_id: int, token: str, name: str, version: str
+) -> dict[str, Any]:
+    message = {k: authorization[k] for k in ("from", "to")}
+    message.update({k: int(authorization[k]) for k in ("value", "validAfter", "validBefore")})
+    message["nonce"] = bytes.fromhex(str(authorization["nonce"])[2:])
+    return {
+        "types": {
+            "EIP712Domain": TOKEN_DOMAIN,
+            "TransferWithAuthorization": TRANSFER_WITH_AUTHORIZATION,
+        },
+        "primaryType": "TransferWithAuthorization",
+        "domain": {
+            "name": name,
+            "version": version,
+            "chainId": chain_id,
+            "verifyingContract": token,
+        },
+        "message": message,
+    }
+
+
+class ExactScheme:
+    name = "exact"
+    held_until_expiry = True
+
+    def refusal(self, offer: Offer) -> str | None:
+        if evm_chain_id(offer.network) is None:
+            return "network"
+        method = offer.extra.get("assetTransferMethod", "eip3009")
+        if method != "eip3009":
+            return f"transfer_method_{method}"[:40]
+        if not isinstance(offer.extra.get("name"), str) or not isinstance(
+            offer.extra.get("version"), str
+        ):
+            return "token_domain_unknown"  # extra.name/version: the token's EIP-712 domain
+        return None
+
+    def sign(
+        self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
+    ) -> SignedPayment:
+        chain_id = evm_chain_id(offer.network)
+        assert chain_id is not None
+        authorization = {
+            "from": account.address,
+            "to": offer.pay_to,
+            "value": str(offer.amount),
+            "validAfter": str(now - CLOCK_SKEW),
+            "validBefore": str(validity(offer, now, max_timeout)),
+            "nonce": random_nonce(),
+        }
+        typed = authorization_typed_data(
+            authorization, chain_id, offer.asset, offer.extra["name"], offer.extra["version"]
+        )
+        signed = account.sign_message(encode_typed_data(full_message=typed))
+        payload = {"signature": hex0x(signed.signature), "authorization": authorization}
+        return SignedPayment(hex0x(signed.message_hash), payload, int(authorization["validBefore"]))
+
+    def confirmation(
+        self, receipt: Mapping[str, Any] | None, payment_id: str
+    ) -> Confirmation | None:
+        """A receipt saying it succeeded, with the transaction that moved the money."""
+        receipt = receipt or {}
+        transaction = receipt.get("transaction")
+        if (
+            receipt.get("success") is True
+            and isinstance(transaction, str)
+            and _TX_HASH.match(transaction)
+        ):
+            return Confirmation(Status.SETTLED, transaction.lower())
+        return None
