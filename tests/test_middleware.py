@@ -212,14 +212,13 @@ async def test_a_page_served_without_a_receipt_for_the_payment_is_not_owed(setti
 async def test_insufficient_funds_stops_paying_on_that_network(settings, caplog):
     mw, crawler = middleware(settings)
     refusal = b64json_encode({"success": False, "errorReason": "insufficient_funds"})
-    for n in range(2):
-        first = response402(offer(), url=f"{URL}{n}")
-        paid = await mw.process_response(first.request, first)
-        refused = Response(
-            paid.url, status=402, request=paid, headers={"PAYMENT-RESPONSE": refusal}
-        )
-        await mw.process_response(paid, refused)
-    # The first refusal stops the network: the second page is not even signed.
+    first = response402(offer(), url=f"{URL}1")
+    paid = await mw.process_response(first.request, first)
+    refused = Response(paid.url, status=402, request=paid, headers={"PAYMENT-RESPONSE": refusal})
+    assert await mw.process_response(paid, refused) is refused
+    # The refusal stops the network: the next page is not even signed.
+    second = response402(offer(), url=f"{URL}2")
+    assert await mw.process_response(second.request, second) is second
     assert crawler.stats.get_value("x402/payment_signed") == 1
     assert crawler.stats.get_value("x402/offer_refused/insufficient_funds") == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
