@@ -220,3 +220,19 @@ async def test_global_cap_closes_the_spider(tmp_path, x402_settings, token, paye
     assert crawler.stats.get_value("x402/payment_count") == 3
     assert len(items) == 3
     assert json.loads(json.dumps(crawler.stats.get_value("x402/spent_usd"))) == "0.030000"
+
+
+@deferred_f_from_coro_f
+async def test_a_retried_paid_request_resends_the_same_payment(
+    tmp_path, x402_settings, token, payees
+):
+    config = sections(token, payees, flaky={"payee": payees[2], "price": 5_000, "fail_first": True})
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl(x402_settings, [f"{server.url}/flaky/{i}" for i in range(3)])
+        accepted = server.accepted()
+    stats = crawler.stats.get_stats()
+    assert len(items) == 3
+    assert stats["retry/count"] == 3  # each page failed once after payment
+    assert stats["x402/payment_signed"] == 3  # and was retried with the same signature
+    assert len(accepted) == 6 and len({a["id"] for a in accepted}) == 3
+    assert token.balance_of(payees[2]) == 15_000  # each page paid once

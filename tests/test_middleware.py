@@ -223,3 +223,34 @@ async def test_insufficient_funds_stops_paying_on_that_network(settings, caplog)
     assert crawler.stats.get_value("x402/offer_refused/insufficient_funds") == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "insufficient funds on eip155:84532" in errors[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("policy", "chosen"), [("cheapest", "exact"), ("scheme_order", "deferred")]
+)
+@deferred_f_from_coro_f
+async def test_offer_policy_across_schemes(settings, policy, chosen):
+    mw, _ = middleware({**settings, "X402_OFFER_POLICY": policy})
+    exact = offer("5000", scheme="exact", extra={"name": "USDC", "version": "2"})
+    response = response402(offer("10000"), exact)
+    paid = await mw.process_response(response.request, response)
+    assert b64json_decode(paid.headers["PAYMENT-SIGNATURE"])["accepted"]["scheme"] == chosen
+
+
+@deferred_f_from_coro_f
+async def test_payment_identifier_is_echoed_with_the_payment_id(settings):
+    mw, _ = middleware(settings)
+    declared = {"info": {"required": False}, "schema": {"type": "object"}}
+    terms = {
+        "x402Version": 2,
+        "resource": {"url": URL},
+        "accepts": [offer()],
+        "extensions": {"payment-identifier": declared},
+    }
+    response = Response(
+        URL, status=402, request=Request(URL), headers={"PAYMENT-REQUIRED": b64json_encode(terms)}
+    )
+    paid = await mw.process_response(response.request, response)
+    sent = b64json_decode(paid.headers["PAYMENT-SIGNATURE"])["extensions"]["payment-identifier"]
+    assert sent["info"] == {"required": False, "id": paid.meta["_x402_payment"][2:]}
+    assert sent["schema"] == declared["schema"]

@@ -21,10 +21,20 @@ from scrapy_x402.paywall._resource import request_url
 
 
 class Page(Resource):
+    """A page; with ``fail_first`` it answers 500 to the first request for each path."""
+
     isLeaf = True
+
+    def __init__(self, fail_first: bool = False):
+        super().__init__()
+        self.failed: set[str] | None = set() if fail_first else None
 
     def render_GET(self, request: Request) -> bytes:
         path = request.path.decode()
+        if self.failed is not None and path not in self.failed:
+            self.failed.add(path)
+            request.setResponseCode(500)
+            return b"try again"
         return f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
 
 
@@ -105,7 +115,7 @@ def build_site(config: dict[str, Any]) -> Site:
         root.putChild(
             name.encode(),
             PaywallResource(
-                Page(),
+                Page(fail_first=section.get("fail_first", False)),
                 verifier,
                 int(section["price"]),
                 x402_version=section.get("version", 2),

@@ -1,0 +1,114 @@
+"""The exact scheme: signatures the token accepts, and budget held until they expire."""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+
+from eth_account import Account
+from scrapy.utils.test import get_crawler
+
+from scrapy_x402._protocol import Offer
+from scrapy_x402._session import X402Session
+from scrapy_x402.ledger import PaymentRecord, Status
+from scrapy_x402.schemes import ExactScheme
+
+
+def offer_for(token, payee, amount=5_000, timeout=60, **extra):
+    return Offer(
+        "exact",
+        f"eip155:{token.chain.chain_id}",
+        amount,
+        token.address,
+        payee,
+        timeout,
+        None,
+        {"name": "Test USD", "version": "2", **extra},
+        {},
+    )
+
+
+def submit(token, payload, submitter):
+    """What a facilitator does with the authorization: transferWithAuthorization on-chain."""
+    a = payload["authorization"]
+    function = token.contract.get_function_by_signature(
+        "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+    )
+    data = function(
+        a["from"],
+        a["to"],
+        int(a["value"]),
+        int(a["validAfter"]),
+        int(a["validBefore"]),
+        bytes.fromhex(a["nonce"][2:]),
+        bytes.fromhex(payload["signature"][2:]),
+    )._encode_transaction_data()
+    return token.chain.transact(submitter, {"to": token.address, "data": data})
+
+
+def test_the_token_accepts_the_signed_authorization(chain, token, payer):
+    payee = Account.create().address
+    signed = ExactScheme().sign(payer, offer_for(token, payee), "", int(time.time()), 300)
+    submit(token, signed.payload, chain.new_account())
+    assert token.balance_of(payee) == 5_000
+
+
+def test_refusals():
+    scheme = ExactScheme()
+    base = Offer("exact", "eip155:84532", 1, "0x" + "11" * 20, "0x" + "22" * 20, 60, None, {}, {})
+    assert scheme.refusal(base) == "token_domain_unknown"
+    permit2 = Offer(
+        **{
+            **base.__dict__,
+            "extra": {"name": "USDC", "version": "2", "assetTransferMethod": "permit2"},
+        }
+    )
+    assert scheme.refusal(permit2) == "transfer_method_permit2"
+
+
+def test_expired_holds_are_released_only_when_the_chain_shows_them_unused(
+    tmp_path, chain, token, payer, monkeypatch
+):
+    monkeypatch.setenv("X402_PRIVATE_KEY", payer.key.hex())
+    crawler = get_crawler(
+        settings_dict={
+            "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
+            "X402_BUDGETS": {"pub.example": "0.01"},
+            "X402_RPC_URLS": {f"eip155:{chain.chain_id}": chain.url},
+        }
+    )
+    session = X402Session.for_crawler(crawler)
+    payee = Account.create().address
+    now = int(time.time())
+    payments = []
+    for _ in range(2):  # two refused authorizations, each 0.005, filling the budget
+        signed = ExactScheme().sign(payer, offer_for(token, payee), "", now, 300)
+        assert session.budgets.reserve("pub.example", Decimal("0.005")) is None
+        session.ledger.add(
+            PaymentRecord(
+                signed.id,
+                session.run_id,
+                "exact",
+                f"eip155:{chain.chain_id}",
+                token.address,
+                payer.address,
+                payee,
+                5_000,
+                Decimal("0.005"),
+                "pub.example",
+                "pub.example",
+                "http://pub.example/",
+                signed.payload,
+                signed.valid_until,
+            )
+        )
+        session.ledger.resolve(signed.id, Status.HELD, reason="refused")
+        payments.append(signed)
+    # The server refused the first, yet submitted it anyway: the money moved.
+    submit(token, payments[0].payload, chain.new_account())
+    assert session.release_expired_holds() == 0  # not expired yet: both stay held
+    monkeypatch.setattr(time, "time", lambda: now + 301)  # past validBefore
+    assert session.release_expired_holds() == 1
+    assert session.ledger.get_status(payments[0].id) == Status.SETTLED
+    assert session.ledger.get_status(payments[1].id) == Status.EXPIRED
+    assert session.budgets.spent("pub.example") == Decimal("0.005")
