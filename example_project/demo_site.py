@@ -48,9 +48,10 @@ class Article(Resource):
 class FrontPage(Resource):
     isLeaf = True
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, wire: str | None):
         super().__init__()
         self.port = port
+        self.wire = wire  # the wire service: another publisher, selling with `exact`
 
     def render_GET(self, request: Request) -> bytes:
         links = [
@@ -58,6 +59,11 @@ class FrontPage(Resource):
             for name, (_, _, count, host) in SECTIONS.items()
             for i in range(1, count + 1)
         ]
+        if self.wire:
+            links += [
+                f"<a class='article' href='{self.wire}/articles/{i}'>wire {i}</a>"
+                for i in range(1, 5)
+            ]
         return ("<html><body><h1>Demo News</h1>" + "<br>".join(links) + "</body></html>").encode()
 
 
@@ -68,6 +74,7 @@ def main() -> None:
     parser.add_argument("--payees", required=True, help="three comma-separated addresses")
     parser.add_argument("--port", type=int, default=8402)
     parser.add_argument("--book", default=".demo/publisher-book.jsonl")
+    parser.add_argument("--wire", help="URL of a wire service to link to (exact_site.py)")
     args = parser.parse_args()
     payees = args.payees.split(",")
     book = open(args.book, "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
@@ -88,7 +95,7 @@ def main() -> None:
 
     root = Resource()
     port = reactor.listenTCP(args.port, Site(root), interface="127.0.0.1")
-    root.putChild(b"", FrontPage(port.getHost().port))
+    root.putChild(b"", FrontPage(port.getHost().port, args.wire))
     for name, (payee, price, _, _) in SECTIONS.items():
         verifier = DeferredVerifier(args.network, args.token, payees[payee])
         root.putChild(

@@ -22,10 +22,18 @@ from scrapy_x402.devchain import Anvil, TestUSD
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE / ".demo"
+WIRE_PRICE = 15_000  # 0.015 tUSD per wire article, paid with `exact`
 
 
 def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
+
+
+def start_site(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, *args], cwd=HERE, env=env, stdout=subprocess.PIPE, text=True
+    )
+    return process, process.stdout.readline().strip()
 
 
 def main() -> int:
@@ -35,37 +43,55 @@ def main() -> int:
         token = TestUSD.deploy(chain, chain.new_account())
         crawler = chain.new_account()
         token.mint(crawler.address, 5_000_000)  # 5 tUSD
-        payees = [Account.create().address for _ in range(3)]
+        payees = [Account.create().address for _ in range(4)]
+        network = f"eip155:{chain.chain_id}"
         banner(f"anvil at {chain.url}; tUSD at {token.address}; crawler wallet {crawler.address}")
 
-        site = subprocess.Popen(
+        # The wire service sells with `exact`, through the reference x402 SDK and its facilitator.
+        facilitator_env = {**os.environ, "FACILITATOR_KEY": chain.new_account().key.hex()}
+        wire, wire_url = start_site(
             [
-                sys.executable,
+                "exact_site.py",
+                "--rpc-url",
+                chain.url,
+                "--network",
+                network,
+                "--token",
+                token.address,
+                "--payee",
+                payees[3],
+                "--price",
+                str(WIRE_PRICE),
+            ],
+            facilitator_env,
+        )
+        site, url = start_site(
+            [
                 "demo_site.py",
                 "--network",
-                f"eip155:{chain.chain_id}",
+                network,
                 "--token",
                 token.address,
                 "--payees",
-                ",".join(payees),
+                ",".join(payees[:3]),
                 "--port",
                 "0",
                 "--book",
                 str(DEMO / "publisher-book.jsonl"),
-            ],
-            cwd=HERE,
-            stdout=subprocess.PIPE,
-            text=True,
+                "--wire",
+                wire_url,
+            ]
         )
         try:
-            url = site.stdout.readline().strip()
-            banner(f"demo news site at {url}; crawling")
+            banner(
+                f"demo news site at {url} (deferred), wire service at {wire_url} (exact); crawling"
+            )
             env = {
                 **os.environ,
                 "X402_PRIVATE_KEY": crawler.key.hex(),
                 "DEMO_RPC_URL": chain.url,
                 "DEMO_TOKEN": token.address,
-                "DEMO_NETWORK": f"eip155:{chain.chain_id}",
+                "DEMO_NETWORK": network,
             }
             crawl = subprocess.run(
                 [sys.executable, "-m", "scrapy", "crawl", "news", "-a", f"site={url}"],
@@ -85,14 +111,16 @@ def main() -> int:
                 [sys.executable, "-m", "scrapy", "x402", "report"], cwd=HERE, env=env, check=True
             )
         finally:
-            site.terminate()
-            site.wait(10)
+            for process in (site, wire):
+                process.terminate()
+                process.wait(10)
 
-        banner("on-chain balances against the publisher's record")
+        banner("on-chain balances against what the publishers accepted")
         owed: dict[str, int] = defaultdict(int)
         for line in (DEMO / "publisher-book.jsonl").read_text().splitlines():
             entry = json.loads(line)
             owed[entry["payee"]] += int(entry["amount"])
+        owed[payees[3]] = 4 * WIRE_PRICE  # the wire service's four articles, paid at once
         ok = True
         for payee in payees:
             balance = token.balance_of(payee)

@@ -20,7 +20,19 @@ if TYPE_CHECKING:
 
     from scrapy_x402._assets import AssetTable
 
-OWED = (Status.ACCEPTED, Status.SETTLING)
+# What the report calls each ledger status. "held": signed transfers not confirmed, that
+# could still be collected until they expire.
+BUCKETS = {
+    Status.ACCEPTED: "owed",
+    Status.SETTLING: "owed",
+    Status.SETTLED: "settled",
+    Status.HELD: "held",
+    Status.RESERVED: "reserved",
+    Status.REJECTED: "refused",
+    Status.FAILED: "refused",
+    Status.EXPIRED: "refused",
+}
+MONEY_BUCKETS = ("owed", "settled", "held")
 
 
 class X402Command(ScrapyCommand):
@@ -94,10 +106,10 @@ def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
 
 
 def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:
-    """Per (payee, domain, network, asset): pages and amounts owed, settled and refused."""
-    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
+    """Per (payee, domain, network, asset, scheme): pages and amounts by what became of them."""
+    rows: dict[tuple[str, ...], dict[str, Any]] = {}
     for r in ledger.summary():
-        key = (r.payee, r.domain, r.network, r.asset)
+        key = (r.payee, r.domain, r.network, r.asset, r.scheme)
         row = rows.setdefault(
             key,
             {
@@ -106,24 +118,15 @@ def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:
                 "network": r.network,
                 "asset": r.asset,
                 "symbol": _symbol(assets, r.network, r.asset),
-                **{f"{k}_{f}": 0 for k in ("owed", "settled") for f in ("pages", "amount")},
-                "owed_usd": Decimal(0),
-                "settled_usd": Decimal(0),
-                "refused_pages": 0,
-                "reserved_pages": 0,
+                "scheme": r.scheme,
+                **{f"{b}_pages": 0 for b in (*MONEY_BUCKETS, "reserved", "refused")},
+                **{f"{b}_amount": 0 for b in MONEY_BUCKETS},
+                **{f"{b}_usd": Decimal(0) for b in MONEY_BUCKETS},
             },
         )
-        bucket = (
-            "owed"
-            if r.status in OWED
-            else "settled"
-            if r.status == Status.SETTLED
-            else "reserved"
-            if r.status == Status.RESERVED
-            else "refused"
-        )
+        bucket = BUCKETS[r.status]
         row[f"{bucket}_pages"] += r.count
-        if bucket in ("owed", "settled"):
+        if bucket in MONEY_BUCKETS:
             row[f"{bucket}_amount"] += r.amount
             row[f"{bucket}_usd"] += r.usd
     return [rows[k] for k in sorted(rows)]
@@ -163,9 +166,11 @@ def _report_table(ledger: Ledger, assets: AssetTable) -> str:
             "payee",
             "domain",
             "network",
+            "scheme",
             "paid pages",
             "owed",
             "settled",
+            "held",
             "USD owed",
             "USD settled",
             "refused",
@@ -175,9 +180,12 @@ def _report_table(ledger: Ledger, assets: AssetTable) -> str:
                 row["payee"],
                 row["domain"],
                 row["network"],
+                row["scheme"],
                 str(row["owed_pages"] + row["settled_pages"]),
-                _amount(assets, row["network"], row["asset"], row["owed_amount"]),
-                _amount(assets, row["network"], row["asset"], row["settled_amount"]),
+                *(
+                    _amount(assets, row["network"], row["asset"], row[f"{b}_amount"])
+                    for b in MONEY_BUCKETS
+                ),
                 str(row["owed_usd"]),
                 str(row["settled_usd"]),
                 str(row["refused_pages"]),

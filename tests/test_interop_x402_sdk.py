@@ -3,7 +3,7 @@ to a server made of the x402 SDK alone, whose own facilitator settles on anvil."
 
 from __future__ import annotations
 
-import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,24 +29,25 @@ def sdk_chain() -> Iterator[Anvil]:
 
 
 @pytest.fixture
-def sdk_server(tmp_path, sdk_chain) -> Iterator[dict[str, Any]]:
+def sdk_server(sdk_chain) -> Iterator[dict[str, Any]]:
     token = TestUSD.deploy(sdk_chain, sdk_chain.new_account())
     payee = Account.create().address
-    config = {
-        "network": NETWORK,
-        "rpc_url": sdk_chain.url,
-        "facilitator_key": sdk_chain.new_account().key.hex(),
-        "token": token.address,
-        "token_name": "Test USD",
-        "token_version": "2",
-        "payee": payee,
-        "price": PRICE,
-    }
-    path = tmp_path / "sdk-server.json"
-    path.write_text(json.dumps(config))
+    args = [
+        "--rpc-url",
+        sdk_chain.url,
+        "--network",
+        NETWORK,
+        "--token",
+        token.address,
+        "--payee",
+        payee,
+        "--price",
+        str(PRICE),
+    ]
+    env = {**os.environ, "FACILITATOR_KEY": sdk_chain.new_account().key.hex()}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.interop.sdk_server", str(path)],
-        cwd=ROOT,
+        [sys.executable, str(ROOT / "example_project" / "exact_site.py"), *args],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

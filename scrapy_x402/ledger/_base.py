@@ -84,6 +84,7 @@ class SummaryRow:
     payee: str
     network: str
     asset: str
+    scheme: str
     status: str
     count: int = 0
     amount: int = 0
@@ -275,14 +276,14 @@ class Ledger(ABC):
             )
 
     def summary(self, run_id: str | None = None) -> list[SummaryRow]:
-        """Count, amount and USD per (domain, payee, network, asset, status)."""
-        sql = "SELECT domain, payee, network, asset, status, amount, usd FROM x402_payments"
+        """Count, amount and USD per (domain, payee, network, asset, scheme, status)."""
+        sql = "SELECT domain, payee, network, asset, scheme, status, amount, usd FROM x402_payments"
         params: tuple[str, ...] = ()
         if run_id is not None:
             sql, params = sql + " WHERE run_id = ?", (run_id,)
         rows: dict[tuple[str, ...], SummaryRow] = {}
-        for domain, payee, network, asset, status, amount, usd in self._execute(sql, params):
-            key = (domain, payee, network, asset, status)
+        for *key_fields, amount, usd in self._execute(sql, params):
+            key = tuple(key_fields)
             row = rows.setdefault(key, SummaryRow(*key))
             row.count += 1
             row.amount += int(amount)
