@@ -271,13 +271,14 @@ class X402DownloaderMiddleware:
         reason = str((receipt or {}).get("errorReason") or _challenge_error(response) or "refused")
         network = request.meta["x402_payment"]["network"]
         self._unconfirmed(request, reason, refused=True)
-        if reason == "insufficient_funds" and network not in self._stopped_networks:
+        if _out_of_funds(reason) and network not in self._stopped_networks:
             self._stopped_networks.add(network)
             logger.error(
-                "x402: the wallet has insufficient funds on %s (%s said so); "
+                "x402: the wallet has insufficient funds on %s (%s said so: %s); "
                 "no more payments on that network in this crawl",
                 network,
                 domain,
+                reason,
             )
         else:
             self._once(
@@ -333,6 +334,14 @@ class X402DownloaderMiddleware:
         if key not in self._said:
             self._said.add(key)
             logger.log(level, msg, *args)
+
+
+def _out_of_funds(reason: str) -> bool:
+    """The payer's balance is short: x402's `insufficient_funds`, or the reference SDK's
+    `invalid_exact_evm_insufficient_balance` and kin (not the facilitator's own balance)."""
+    return reason == "insufficient_funds" or (
+        reason.endswith("insufficient_balance") and not reason.startswith("facilitator_")
+    )
 
 
 def _echo_extensions(challenge: Challenge, payment_id: str) -> dict[str, Any]:

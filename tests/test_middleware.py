@@ -223,6 +223,7 @@ async def test_insufficient_funds_stops_paying_on_that_network(settings, caplog)
     assert crawler.stats.get_value("x402/offer_refused/insufficient_funds") == 1
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "insufficient funds on eip155:84532" in errors[0].getMessage()
+    assert "(news.example said so: insufficient_funds)" in errors[0].getMessage()
 
 
 @pytest.mark.parametrize(
