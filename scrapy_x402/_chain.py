@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from eth_abi import encode as abi_encode
 from web3 import Web3
 
@@ -40,3 +42,34 @@ def authorization_used(w3: Web3, token: str, authorizer: str, nonce: str) -> boo
         ["address", "bytes32"], [authorizer, bytes.fromhex(nonce[2:])]
     )
     return int.from_bytes(_call(w3, token, data), "big") != 0
+
+
+PERMIT2 = "0x000000000022D473030F116dDEE9F6B43aC78BA3"  # the same on every chain
+ALLOWANCE = bytes.fromhex("dd62ed3e")  # allowance(address,address)
+NONCE_BITMAP = bytes.fromhex("4fe02b44")  # nonceBitmap(address,uint256)
+
+
+def token_allowance(w3: Web3, token: str, owner: str, spender: str) -> int:
+    data = ALLOWANCE + abi_encode(["address", "address"], [owner, spender])
+    return int.from_bytes(_call(w3, token, data), "big")
+
+
+def permit2_nonce_used(w3: Web3, owner: str, nonce: int) -> bool:
+    """Permit2's unordered nonces: bit (nonce & 255) of word (nonce >> 8)."""
+    data = NONCE_BITMAP + abi_encode(["address", "uint256"], [owner, nonce >> 8])
+    return bool(int.from_bytes(_call(w3, PERMIT2, data), "big") >> (nonce & 0xFF) & 1)
+
+
+class ChainReader:
+    """One checked connection per network with an RPC URL, made on first use."""
+
+    def __init__(self, rpc_urls: Mapping[str, str]):
+        self.rpc_urls = rpc_urls
+        self._web3: dict[str, Web3] = {}
+
+    def get(self, network: str) -> Web3 | None:
+        if network not in self.rpc_urls:
+            return None
+        if network not in self._web3:
+            self._web3[network] = connect(self.rpc_urls[network], network)
+        return self._web3[network]

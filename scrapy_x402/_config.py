@@ -15,7 +15,7 @@ from scrapy.utils.job import job_dir
 
 from scrapy_x402._assets import AssetTable
 from scrapy_x402._networks import normalize_network
-from scrapy_x402.schemes import SCHEMES
+from scrapy_x402.schemes import SCHEME_NAMES
 
 LEDGER_FILENAME = "x402-ledger.sqlite3"
 
@@ -115,9 +115,9 @@ def _default_ledger(jobdir: str | None) -> str:
 
 def _schemes(names: list[str]) -> tuple[str, ...]:
     for name in names:
-        if name not in SCHEMES:
+        if name not in SCHEME_NAMES:
             raise ValueError(
-                f"X402_SCHEMES: unknown scheme {name!r}; known: {', '.join(sorted(SCHEMES))}"
+                f"X402_SCHEMES: unknown scheme {name!r}; known: {', '.join(SCHEME_NAMES)}"
             )
     return tuple(names)
 

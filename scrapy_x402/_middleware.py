@@ -24,7 +24,7 @@ from scrapy_x402._protocol import (
 )
 from scrapy_x402._session import X402Session
 from scrapy_x402.ledger import PaymentRecord, Status
-from scrapy_x402.schemes import SCHEMES, Confirmation
+from scrapy_x402.schemes import Confirmation
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -104,7 +104,7 @@ class X402DownloaderMiddleware:
             self._budget_exceeded(domain, refused)
             return response
         try:
-            signed = SCHEMES[offer.scheme].sign(
+            signed = self.session.schemes[offer.scheme].sign(
                 self.session.account,
                 offer,
                 offer.resource or request.url,
@@ -206,7 +206,7 @@ class X402DownloaderMiddleware:
         return None
 
     def _refusal(self, offer: Offer) -> tuple[str | None, Asset | None]:
-        scheme = SCHEMES.get(offer.scheme)
+        scheme = self.session.schemes.get(offer.scheme)
         if offer.scheme not in self.config.schemes or scheme is None:
             return "scheme", None
         if reason := scheme.refusal(offer):
@@ -252,8 +252,11 @@ class X402DownloaderMiddleware:
         domain = urlparse_cached(request).hostname or ""
         receipt = parse_receipt(response.headers)
         if 200 <= response.status < 300:
-            scheme = SCHEMES[request.meta["x402_payment"]["scheme"]]
-            confirmation = scheme.confirmation(receipt, request.meta["_x402_payment"])
+            payment = request.meta["x402_payment"]
+            scheme = self.session.schemes[payment["scheme"]]
+            confirmation = scheme.confirmation(
+                receipt, request.meta["_x402_payment"], int(payment["amount"])
+            )
             if confirmation is None:
                 self._unconfirmed(request, "no_receipt")
                 self._once(
@@ -295,22 +298,38 @@ class X402DownloaderMiddleware:
     def _confirmed(
         self, request: Request, confirmation: Confirmation, receipt: Any, domain: str
     ) -> None:
+        payment = request.meta["x402_payment"]
         payment_id = request.meta.pop("_x402_payment")
-        usd = request.meta.pop("_x402_reserved")[1]
+        key, reserved = request.meta.pop("_x402_reserved")
+        usd = Decimal(reserved)
+        amount = confirmation.amount
+        if amount is not None:  # upto: charged less than the signed maximum
+            asset = self.config.assets.get(payment["network"], payment["asset"])
+            assert asset is not None  # it was priced with it
+            usd = asset.to_usd(amount)
         if not self.session.ledger.resolve(
             payment_id,
             confirmation.status,
             receipt=receipt or {},
             transaction=confirmation.transaction,
+            amount=amount,
+            usd=usd if amount is not None else None,
         ):
             return
+        if usd < Decimal(reserved):
+            self.session.budgets.release(key, Decimal(reserved) - usd)
         self._inc("x402/payment_count")
         self._inc(f"x402/payment_count/{domain}")
-        spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + Decimal(usd)
+        spent = Decimal(self.stats.get_value(f"x402/spent_usd/{domain}", "0")) + usd
         self.stats.set_value(f"x402/spent_usd/{domain}", str(spent))
-        request.meta["x402_payment"].update(
-            status=confirmation.status, receipt=receipt, transaction=confirmation.transaction
+        payment.update(
+            status=confirmation.status,
+            receipt=receipt,
+            transaction=confirmation.transaction,
+            usd=str(usd),
         )
+        if amount is not None:
+            payment["amount"] = str(amount)
 
     def _unconfirmed(self, request: Request, reason: str, refused: bool = False) -> None:
         """The payment was not confirmed. A commitment is then never settled, so its
@@ -318,7 +337,7 @@ class X402DownloaderMiddleware:
         payment = request.meta["x402_payment"]
         payment_id = request.meta.pop("_x402_payment")
         key, usd = request.meta.pop("_x402_reserved")
-        held = SCHEMES[payment["scheme"]].held_until_expiry
+        held = self.session.schemes[payment["scheme"]].held_until_expiry
         status = Status.HELD if held else Status.REJECTED if refused else Status.FAILED
         if self.session.ledger.resolve(payment_id, status, reason=reason[:200]) and not held:
             self.session.budgets.release(key, Decimal(usd))

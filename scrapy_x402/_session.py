@@ -13,15 +13,15 @@ from scrapy import signals
 from scrapy.exceptions import NotConfigured
 
 from scrapy_x402._budget import Budgets
-from scrapy_x402._chain import authorization_used, connect
+from scrapy_x402._chain import ChainReader
 from scrapy_x402._config import X402Config
 from scrapy_x402._version import __version__
 from scrapy_x402._wallet import load_account
 from scrapy_x402.ledger import Status, open_ledger
+from scrapy_x402.schemes import build_schemes
 
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
-    from web3 import Web3
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class X402Session:
             config.max_total,
             self.ledger.spent_by_budget(self.run_id),
         )
+        self.chain = ChainReader(config.rpc_urls)
+        self.schemes = build_schemes(self.chain, account.address)
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
@@ -72,29 +74,25 @@ class X402Session:
         )
         if config.allow_mainnet:
             logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")
-        self._chains: dict[str, Web3] = {}
 
     def release_expired_holds(self) -> int:
         """Free the budget held by signed transfers that expired uncollected.
 
-        Past ``validBefore`` nobody can submit one any more; with an RPC URL the chain must
-        also show its nonce unused, else the money moved and stays counted (as settled).
+        Past their expiry nobody can submit them any more; with an RPC URL the chain must
+        also show them unused, else the money moved and stays counted (as settled).
         """
         released = 0
         for held in self.ledger.expired_holds(self.run_id, int(time.time())):
             status, reason = Status.EXPIRED, "expired uncollected"
-            nonce = held.payload.get("authorization", {}).get("nonce")
-            rpc_url = self.config.rpc_urls.get(held.network)
-            if rpc_url and nonce:
-                try:
-                    if held.network not in self._chains:
-                        self._chains[held.network] = connect(rpc_url, held.network)
-                    w3 = self._chains[held.network]
-                    if authorization_used(w3, held.asset, held.payer, nonce):
-                        status, reason = Status.SETTLED, "collected on-chain after a refusal"
-                except Exception as e:  # unknown: it stays held, and counted
-                    logger.warning("x402: cannot check payment %s on-chain: %s", held.id, e)
-                    continue
+            try:
+                w3 = self.chain.get(held.network)
+                if w3 is not None and self.schemes[held.scheme].collected(
+                    w3, held.asset, held.payload
+                ):
+                    status, reason = Status.SETTLED, "collected on-chain after a refusal"
+            except Exception as e:  # unknown: it stays held, and counted
+                logger.warning("x402: cannot check payment %s on-chain: %s", held.id, e)
+                continue
             if self.ledger.resolve(held.id, status, reason=reason, current=Status.HELD):
                 if status == Status.EXPIRED:
                     self.budgets.release(held.budget_key, held.usd)

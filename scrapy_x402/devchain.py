@@ -19,8 +19,11 @@ from typing import Any
 from eth_account import Account
 from web3 import Web3
 
-ARTIFACT = "contracts/TestUSD.json"
 CHAIN_ID = 31337
+# Where the x402 SDKs expect Permit2 and x402's Permit2 proxies (the same on every chain).
+PERMIT2 = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
+EXACT_PERMIT2_PROXY = "0x402085c248EeA27D92E8b30b2C58ed07f9E20001"
+UPTO_PERMIT2_PROXY = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
 
 
 def find_anvil() -> str:
@@ -102,6 +105,17 @@ class Anvil:
         self.w3.provider.make_request("anvil_setBalance", [account.address, hex(eth * 10**18)])  # type: ignore[arg-type]
         return account
 
+    def install_permit2(self) -> None:
+        """Put Permit2 and x402's exact and upto Permit2 proxies at their canonical addresses
+        (test doubles from contracts/Permit2Lite.sol)."""
+        for address, name in (
+            (PERMIT2, "Permit2Lite"),
+            (EXACT_PERMIT2_PROXY, "X402ExactPermit2ProxyLite"),
+            (UPTO_PERMIT2_PROXY, "X402UptoPermit2ProxyLite"),
+        ):
+            code = _artifact(name)["deployedBytecode"]
+            self.w3.provider.make_request("anvil_setCode", [address, code])  # type: ignore[arg-type]
+
     def transact(self, sender: Any, tx: dict[str, Any]) -> Any:
         tx = {
             "from": sender.address,
@@ -130,11 +144,11 @@ class TestUSD:
         self.chain = chain
         self.address = address
         self.owner = owner
-        self.contract = chain.w3.eth.contract(address=address, abi=_artifact()["abi"])  # type: ignore[call-overload]
+        self.contract = chain.w3.eth.contract(address=address, abi=_artifact("TestUSD")["abi"])  # type: ignore[call-overload]
 
     @classmethod
     def deploy(cls, chain: Anvil, owner: Any, name: str = "Test USD") -> TestUSD:
-        artifact = _artifact()
+        artifact = _artifact("TestUSD")
         factory = chain.w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         data = factory.constructor(name, "tUSD").data_in_transaction
         receipt = chain.transact(owner, {"data": data})
@@ -144,6 +158,10 @@ class TestUSD:
         self.chain.transact(
             self.owner, {"to": self.address, "data": self.contract.encode_abi("mint", [to, amount])}
         )
+
+    def approve(self, owner: Any, spender: str, amount: int = 2**256 - 1) -> None:
+        data = self.contract.encode_abi("approve", [spender, amount])
+        self.chain.transact(owner, {"to": self.address, "data": data})
 
     def balance_of(self, owner: str) -> int:
         return int(self.contract.functions.balanceOf(owner).call())
@@ -157,6 +175,6 @@ class TestUSD:
         }
 
 
-def _artifact() -> dict[str, Any]:
-    data = resources.files("scrapy_x402").joinpath(ARTIFACT).read_text()
+def _artifact(name: str) -> dict[str, Any]:
+    data = resources.files("scrapy_x402").joinpath(f"contracts/{name}.json").read_text()
     return dict(json.loads(data))

@@ -45,6 +45,7 @@ class PaymentRecord:
 @dataclass(frozen=True)
 class HeldPayment:
     id: str
+    scheme: str
     budget_key: str
     usd: Decimal
     network: str
@@ -196,23 +197,29 @@ class Ledger(ABC):
         receipt: dict[str, Any] | None = None,
         reason: str | None = None,
         transaction: str | None = None,
+        amount: int | None = None,
+        usd: Decimal | None = None,
         current: str = Status.RESERVED,
     ) -> bool:
         """Move a payment on from ``current``; False if it was not in that status.
 
         ``transaction`` is the hash of the transaction that paid it, when it was paid
-        immediately (exact) rather than by a settlement of ours.
+        immediately (exact) rather than by a settlement of ours; ``amount`` and ``usd`` what
+        was charged, when less than signed (upto).
         """
         with self._transaction():
             cursor = self._execute(
                 "UPDATE x402_payments SET status = ?, receipt = COALESCE(?, receipt), "
-                "reason = ?, settlement_id = COALESCE(?, settlement_id), updated_at = ? "
+                "reason = ?, settlement_id = COALESCE(?, settlement_id), "
+                "amount = COALESCE(?, amount), usd = COALESCE(?, usd), updated_at = ? "
                 "WHERE id = ? AND status = ?",
                 (
                     status,
                     json.dumps(receipt, sort_keys=True) if receipt is not None else None,
                     reason,
                     transaction,
+                    str(amount) if amount is not None else None,
+                    str(usd) if usd is not None else None,
                     int(time.time()),
                     payment_id,
                     current,
@@ -223,9 +230,10 @@ class Ledger(ABC):
     def expired_holds(self, run_id: str, now: int) -> list[HeldPayment]:
         """A run's held payments whose signatures can no longer be collected."""
         return [
-            HeldPayment(r[0], r[1], Decimal(r[2]), r[3], r[4], r[5], json.loads(r[6]))
+            HeldPayment(r[0], r[1], r[2], Decimal(r[3]), r[4], r[5], r[6], json.loads(r[7]))
             for r in self._execute(
-                "SELECT id, budget_key, usd, network, asset, payer, payload FROM x402_payments "
+                "SELECT id, scheme, budget_key, usd, network, asset, payer, payload "
+                "FROM x402_payments "
                 "WHERE run_id = ? AND status = ? AND valid_until < ?",
                 (run_id, Status.HELD, now),
             )

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from scrapy_x402.schemes._base import Confirmation, Scheme, SignedPayment
+from scrapy_x402.schemes._permit2 import Permit2Allowances
 from scrapy_x402.schemes.deferred import DeferredScheme
 from scrapy_x402.schemes.exact import ExactScheme
+from scrapy_x402.schemes.upto import UptoScheme
 
-SCHEMES: dict[str, Scheme] = {s.name: s for s in (DeferredScheme(), ExactScheme())}
+if TYPE_CHECKING:
+    from scrapy_x402._chain import ChainReader
 
-__all__ = ["SCHEMES", "Confirmation", "DeferredScheme", "ExactScheme", "Scheme", "SignedPayment"]
+SCHEME_NAMES = ("deferred", "exact", "upto")
+
+
+def build_schemes(chain: ChainReader, payer: str) -> dict[str, Scheme]:
+    """The schemes of one crawl; Permit2 payments share one view of the wallet's allowances."""
+    permit2 = Permit2Allowances(chain, payer)
+    return {
+        "deferred": DeferredScheme(),
+        "exact": ExactScheme(permit2),
+        "upto": UptoScheme(permit2),
+    }
+
+
+__all__ = [
+    "SCHEME_NAMES",
+    "Confirmation",
+    "DeferredScheme",
+    "ExactScheme",
+    "Scheme",
+    "SignedPayment",
+    "UptoScheme",
+    "build_schemes",
+]

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
-
     from scrapy_x402._protocol import Offer
 
 
@@ -21,6 +21,7 @@ class SignedPayment:
 class Confirmation:
     status: str  # the ledger status the receipt proves: accepted (owed) or settled
     transaction: str | None = None
+    amount: int | None = None  # what was actually charged, when less than signed (upto)
 
 
 class Scheme(Protocol):
@@ -37,9 +38,12 @@ class Scheme(Protocol):
     ) -> SignedPayment: ...
 
     def confirmation(
-        self, receipt: Mapping[str, Any] | None, payment_id: str
+        self, receipt: Mapping[str, Any] | None, payment_id: str, signed_amount: int
     ) -> Confirmation | None:
         """What a success response's receipt proves about the payment, if anything."""
+
+    def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
+        """For a held payment: whether the chain shows its signature used."""
 
 
 def hex0x(data: bytes) -> str:
@@ -53,3 +57,19 @@ def random_nonce() -> str:
 def validity(offer: Offer, now: int, max_timeout: int) -> int:
     """When a signature for ``offer`` stops being valid: the offer's timeout, capped."""
     return now + min(offer.max_timeout_seconds or max_timeout, max_timeout)
+
+
+_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+
+
+def settled_transaction(receipt: Mapping[str, Any] | None) -> str | None:
+    """The transaction of a SettlementResponse that says the payment succeeded on-chain."""
+    receipt = receipt or {}
+    transaction = receipt.get("transaction")
+    if (
+        receipt.get("success") is True
+        and isinstance(transaction, str)
+        and _TX_HASH.match(transaction)
+    ):
+        return transaction.lower()
+    return None

@@ -137,13 +137,16 @@ class DeferredScheme:
         return None if evm_chain_id(offer.network) is not None else "network"
 
     def confirmation(
-        self, receipt: Mapping[str, Any] | None, payment_id: str
+        self, receipt: Mapping[str, Any] | None, payment_id: str, signed_amount: int
     ) -> Confirmation | None:
         """Only a receipt naming the commitment makes it owed (docs: section 6)."""
         extra = (receipt or {}).get("extra")
         if isinstance(extra, Mapping) and str(extra.get("commitmentId", "")).lower() == payment_id:
             return Confirmation(Status.ACCEPTED)
         return None
+
+    def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
+        return False  # never held: nobody but us can collect a commitment
 
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int

@@ -1,15 +1,16 @@
-"""The ``exact`` scheme on EVM with EIP-3009: a signed TransferWithAuthorization that the
-server's facilitator submits on-chain. Money moves at once; anyone holding the signature can
-submit it until ``validBefore``, so an unconfirmed one stays counted until then."""
+"""The ``exact`` scheme on EVM: a signed transfer of the exact price that the server's
+facilitator submits on-chain, by EIP-3009 TransferWithAuthorization (the default) or by Permit2
+(``extra.assetTransferMethod = "permit2"``). Money moves at once; anyone holding the signature
+can submit it until it expires, so an unconfirmed one stays counted until then."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from eth_account.messages import encode_typed_data
 
+from scrapy_x402._chain import authorization_used
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
 from scrapy_x402.ledger import Status
@@ -18,7 +19,15 @@ from scrapy_x402.schemes._base import (
     SignedPayment,
     hex0x,
     random_nonce,
+    settled_transaction,
     validity,
+)
+from scrapy_x402.schemes._permit2 import (
+    EXACT_PROXY,
+    EXACT_WITNESS,
+    Permit2Allowances,
+    permit2_collected,
+    sign_permit2,
 )
 
 TRANSFER_WITH_AUTHORIZATION = [
@@ -36,7 +45,6 @@ TOKEN_DOMAIN = [
     {"name": "verifyingContract", "type": "address"},
 ]
 CLOCK_SKEW = 600  # validAfter lies this far in the past, so a server's slow clock still accepts
-_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
 
 
 def authorization_typed_data(
@@ -61,14 +69,25 @@ def authorization_typed_data(
     }
 
 
+def _uses_permit2(offer: Offer) -> bool:
+    return offer.extra.get("assetTransferMethod") == "permit2"
+
+
 class ExactScheme:
     name = "exact"
     held_until_expiry = True
+
+    def __init__(self, permit2: Permit2Allowances | None = None):
+        self.permit2 = permit2
 
     def refusal(self, offer: Offer) -> str | None:
         if evm_chain_id(offer.network) is None:
             return "network"
         method = offer.extra.get("assetTransferMethod", "eip3009")
+        if method == "permit2":
+            if self.permit2 is None:
+                return "transfer_method_permit2"
+            return self.permit2.refusal(offer.network, offer.asset, offer.amount)
         if method != "eip3009":
             return f"transfer_method_{method}"[:40]
         if not isinstance(offer.extra.get("name"), str) or not isinstance(
@@ -82,6 +101,20 @@ class ExactScheme:
     ) -> SignedPayment:
         chain_id = evm_chain_id(offer.network)
         assert chain_id is not None
+        if _uses_permit2(offer):
+            assert self.permit2 is not None
+            self.permit2.spend(offer.network, offer.asset, offer.amount)
+            witness = {"to": offer.pay_to, "validAfter": now - CLOCK_SKEW}
+            return sign_permit2(
+                account,
+                chain_id,
+                offer.asset,
+                offer.amount,
+                EXACT_PROXY,
+                validity(offer, now, max_timeout),
+                witness,
+                EXACT_WITNESS,
+            )
         authorization = {
             "from": account.address,
             "to": offer.pay_to,
@@ -98,15 +131,14 @@ class ExactScheme:
         return SignedPayment(hex0x(signed.message_hash), payload, int(authorization["validBefore"]))
 
     def confirmation(
-        self, receipt: Mapping[str, Any] | None, payment_id: str
+        self, receipt: Mapping[str, Any] | None, payment_id: str, signed_amount: int
     ) -> Confirmation | None:
         """A receipt saying it succeeded, with the transaction that moved the money."""
-        receipt = receipt or {}
-        transaction = receipt.get("transaction")
-        if (
-            receipt.get("success") is True
-            and isinstance(transaction, str)
-            and _TX_HASH.match(transaction)
-        ):
-            return Confirmation(Status.SETTLED, transaction.lower())
-        return None
+        transaction = settled_transaction(receipt)
+        return Confirmation(Status.SETTLED, transaction) if transaction else None
+
+    def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
+        if "permit2Authorization" in payload:
+            return permit2_collected(w3, payload)
+        authorization = payload["authorization"]
+        return authorization_used(w3, asset, authorization["from"], authorization["nonce"])
