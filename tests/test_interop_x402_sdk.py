@@ -8,15 +8,16 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from eth_account import Account
 from scrapy.utils.defer import deferred_f_from_coro_f
 
-from scrapy_x402.devchain import Anvil, TestUSD
+from scrapy_x402.devchain import PERMIT2, Anvil, TestUSD
 from scrapy_x402.ledger import Status, open_ledger
+from scrapy_x402.schemes import ExactScheme
 from tests.mockserver import ROOT
 from tests.test_crawl import crawl
 
@@ -31,53 +32,84 @@ def sdk_chain() -> Iterator[Anvil]:
 
 
 @pytest.fixture
-def sdk_server(sdk_chain) -> Iterator[dict[str, Any]]:
-    token = TestUSD.deploy(sdk_chain, sdk_chain.new_account())
-    payee = Account.create().address
-    args = [
-        "--rpc-url",
-        sdk_chain.url,
-        "--network",
-        NETWORK,
-        "--token",
-        token.address,
-        "--payee",
-        payee,
-        "--price",
-        str(PRICE),
-    ]
-    env = {**os.environ, "FACILITATOR_KEY": sdk_chain.new_account().key.hex()}
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "example_project" / "exact_site.py"), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert process.stdout is not None
-    url = process.stdout.readline().strip()
-    try:
-        yield {"url": url, "token": token, "payee": payee}
-    finally:
+def sdk_site(sdk_chain) -> Iterator[Callable[..., dict[str, Any]]]:
+    """Starts publishers built from the SDK alone (example_project/exact_site.py)."""
+    processes: list[subprocess.Popen[str]] = []
+
+    def start(*options: str, price: int = PRICE) -> dict[str, Any]:
+        token = TestUSD.deploy(sdk_chain, sdk_chain.new_account())
+        payee = Account.create().address
+        args = [
+            "--rpc-url",
+            sdk_chain.url,
+            "--network",
+            NETWORK,
+            "--token",
+            token.address,
+            "--payee",
+            payee,
+            "--price",
+            str(price),
+            *options,
+        ]
+        env = {**os.environ, "FACILITATOR_KEY": sdk_chain.new_account().key.hex()}
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "example_project" / "exact_site.py"), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        processes.append(process)
+        assert process.stdout is not None
+        return {"url": process.stdout.readline().strip(), "token": token, "payee": payee}
+
+    yield start
+    for process in processes:
         process.terminate()
         process.wait(10)
+        assert process.stdout is not None
         process.stdout.close()
+
+
+@pytest.fixture
+def sdk_server(sdk_site) -> dict[str, Any]:
+    return sdk_site()
+
+
+def crawl_settings(tmp_path, chain, token, **settings: Any) -> dict[str, Any]:
+    return {
+        "ADDONS": {"scrapy_x402.Addon": 500},
+        "X402_ASSETS": token.asset_setting(),
+        "X402_RPC_URLS": {NETWORK: chain.url},
+        "X402_LEDGER_URI": str(tmp_path / "ledger.sqlite3"),
+        "X402_BUDGETS": {"127.0.0.1": "1"},
+        **settings,
+    }
+
+
+def ledger_rows(settings: dict[str, Any]) -> list[tuple[Any, ...]]:
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    try:
+        return list(
+            ledger._execute("SELECT scheme, status, settlement_id, amount, usd FROM x402_payments")
+        )
+    finally:
+        ledger.close()
+
+
+def funded_payer(chain, token, monkeypatch, amount=1_000_000):
+    payer = chain.new_account()
+    token.mint(payer.address, amount)
+    monkeypatch.setenv("X402_PRIVATE_KEY", payer.key.hex())
+    return payer
 
 
 @deferred_f_from_coro_f
 async def test_pays_the_reference_server_with_exact(tmp_path, sdk_chain, sdk_server, monkeypatch):
     token, payee = sdk_server["token"], sdk_server["payee"]
-    payer = sdk_chain.new_account()
-    token.mint(payer.address, 1_000_000)
-    monkeypatch.setenv("X402_PRIVATE_KEY", payer.key.hex())
-    settings = {
-        "ADDONS": {"scrapy_x402.Addon": 500},
-        "X402_ASSETS": token.asset_setting(),
-        "X402_RPC_URLS": {NETWORK: sdk_chain.url},
-        "X402_LEDGER_URI": str(tmp_path / "ledger.sqlite3"),
-        "X402_BUDGETS": {"127.0.0.1": "1"},
-        "ROBOTSTXT_OBEY": False,
-    }
+    payer = funded_payer(sdk_chain, token, monkeypatch)
+    settings = crawl_settings(tmp_path, sdk_chain, token)
     pages = 5
     crawler, items = await crawl(
         settings, [f"{sdk_server['url']}/articles/{n}" for n in range(pages)]
@@ -89,12 +121,10 @@ async def test_pays_the_reference_server_with_exact(tmp_path, sdk_chain, sdk_ser
     assert token.balance_of(payee) == pages * PRICE  # exactly N x price, on-chain
     assert token.balance_of(payer.address) == 1_000_000 - pages * PRICE
     assert "x402/settlement/confirmed" not in stats  # already settled by the server
-    ledger = open_ledger(settings["X402_LEDGER_URI"])
-    rows = list(ledger._execute("SELECT scheme, status, settlement_id FROM x402_payments"))
-    ledger.close()
+    rows = ledger_rows(settings)
     assert len(rows) == pages
-    assert {(scheme, status) for scheme, status, _ in rows} == {("exact", Status.SETTLED)}
-    for *_, tx_hash in rows:  # each recorded transaction is real and paid the payee
+    assert {r[:2] for r in rows} == {("exact", Status.SETTLED)}
+    for _, _, tx_hash, *_ in rows:  # each recorded transaction is real and paid the payee
         receipt = sdk_chain.w3.eth.get_transaction_receipt(tx_hash)
         assert receipt["status"] == 1
         assert receipt["logs"][-1]["address"] == token.address
@@ -106,14 +136,8 @@ async def test_a_refusal_holds_the_authorization_and_insufficient_funds_stops_th
 ):
     broke = sdk_chain.new_account()  # gas, but no tokens: the SDK's facilitator refuses
     monkeypatch.setenv("X402_PRIVATE_KEY", broke.key.hex())
-    settings = {
-        "ADDONS": {"scrapy_x402.Addon": 500},
-        "X402_ASSETS": sdk_server["token"].asset_setting(),
-        "X402_RPC_URLS": {NETWORK: sdk_chain.url},
-        "X402_LEDGER_URI": str(tmp_path / "ledger.sqlite3"),
-        "X402_BUDGETS": {"127.0.0.1": "1"},
-        "CONCURRENT_REQUESTS": 1,  # so the refusal comes before the next page's 402
-    }
+    # One page at a time, so the refusal comes before the next page's 402.
+    settings = crawl_settings(tmp_path, sdk_chain, sdk_server["token"], CONCURRENT_REQUESTS=1)
     crawler, items = await crawl(settings, [f"{sdk_server['url']}/articles/{n}" for n in range(3)])
     stats = crawler.stats.get_stats()
     assert items == []
@@ -183,3 +207,76 @@ def payer_on_sdk_chain(sdk_chain):
     payer = sdk_chain.new_account()
     token.mint(payer.address, 1_000_000)
     return token, payer
+
+
+@deferred_f_from_coro_f
+async def test_pays_exact_with_permit2(tmp_path, sdk_chain, sdk_site, monkeypatch):
+    sdk_chain.install_permit2()
+    site = sdk_site("--transfer-method", "permit2")
+    token, payee = site["token"], site["payee"]
+    payer = funded_payer(sdk_chain, token, monkeypatch)
+    token.approve(payer, PERMIT2)
+    settings = crawl_settings(tmp_path, sdk_chain, token)
+    _, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(3)])
+    assert len(items) == 3
+    assert token.balance_of(payee) == 3 * PRICE
+    assert {r[:2] for r in ledger_rows(settings)} == {("exact", Status.SETTLED)}
+    # The chain shows each signed Permit2 nonce used: what releases or keeps a held payment.
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    payloads = [json.loads(p) for (p,) in ledger._execute("SELECT payload FROM x402_payments")]
+    ledger.close()
+    scheme = ExactScheme()
+    assert all(scheme.collected(sdk_chain.w3, token.address, p) for p in payloads)
+    unused = {
+        **payloads[0],
+        "permit2Authorization": {**payloads[0]["permit2Authorization"], "nonce": "7"},
+    }
+    assert not scheme.collected(sdk_chain.w3, token.address, unused)
+
+
+@deferred_f_from_coro_f
+async def test_permit2_offers_are_skipped_without_allowance(
+    tmp_path, sdk_chain, sdk_site, monkeypatch, caplog
+):
+    sdk_chain.install_permit2()
+    site = sdk_site("--transfer-method", "permit2")
+    funded_payer(sdk_chain, site["token"], monkeypatch)  # no approve(Permit2)
+    settings = crawl_settings(tmp_path, sdk_chain, site["token"])
+    crawler, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(3)])
+    stats = crawler.stats.get_stats()
+    assert items == [] and "x402/payment_signed" not in stats
+    assert stats["x402/offer_refused/permit2_allowance"] == 3
+    warnings = [r.getMessage() for r in caplog.records if "Permit2 offers for" in r.getMessage()]
+    assert len(warnings) == 1 and "approve Permit2" in warnings[0]
+
+
+@deferred_f_from_coro_f
+async def test_upto_reserves_the_maximum_and_trues_up_to_the_receipt(
+    tmp_path, sdk_chain, sdk_site, monkeypatch
+):
+    sdk_chain.install_permit2()
+    site = sdk_site("--scheme", "upto", "--charge", "4000", price=10_000)
+    token, payee = site["token"], site["payee"]
+    payer = funded_payer(sdk_chain, token, monkeypatch)
+    token.approve(payer, PERMIT2)
+    # Each page may cost up to 0.01 and costs 0.004. With 0.02 to spend, one page at a time:
+    # reserved 0.01, trued up to 0.004, ... the fourth reservation (0.012 + 0.01) does not fit.
+    settings = crawl_settings(
+        tmp_path,
+        sdk_chain,
+        token,
+        X402_SCHEMES=["upto"],
+        CONCURRENT_REQUESTS=1,
+        X402_BUDGETS={"127.0.0.1": "0.02"},
+    )
+    crawler, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(6)])
+    stats = crawler.stats.get_stats()
+    assert len(items) == 3
+    assert stats["x402/budget_exceeded/127.0.0.1"] == 3
+    assert stats["x402/spent_usd/127.0.0.1"] == "0.012000"
+    assert token.balance_of(payee) == 3 * 4000
+    rows = ledger_rows(settings)
+    assert {(r[0], r[1], r[3], r[4]) for r in rows} == {
+        ("upto", Status.SETTLED, "4000", "0.004000")
+    }
+    assert all(items[i]["title"] for i in range(3))
