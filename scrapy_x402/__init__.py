@@ -1,6 +1,7 @@
 """scrapy-x402: pay per page in Scrapy crawls with x402."""
 
 from scrapy_x402._addon import Addon
+from scrapy_x402._botauth import X402BotAuthMiddleware
 from scrapy_x402._config import X402Config
 from scrapy_x402._extension import X402Settlement
 from scrapy_x402._middleware import X402DownloaderMiddleware
@@ -13,6 +14,7 @@ __all__ = [
     "Challenge",
     "InvalidChallenge",
     "Offer",
+    "X402BotAuthMiddleware",
     "X402Config",
     "X402DownloaderMiddleware",
     "X402ReceiptMiddleware",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from decimal import Decimal
 
+from scrapy_x402._hosts import HostPatterns
+
 TOTAL = "*"  # the key of X402_MAX_TOTAL in refusals
 
 
@@ -25,21 +27,14 @@ class Budgets:
         spent: Mapping[str, Decimal] | None = None,
     ):
         self._limits = dict(limits)
-        self._patterns = sorted((k for k in limits if k.startswith("*.")), key=len, reverse=True)
+        self._patterns = HostPatterns(limits)
         self._default = default
         self._max_total = max_total
         self._spent: dict[str, Decimal] = dict(spent or {})
         self.total_spent = sum(self._spent.values(), Decimal(0))
 
     def key_for(self, host: str) -> str:
-        host = host.lower().rstrip(".")
-        if host in self._limits:
-            return host
-        for pattern in self._patterns:  # longest suffix first: most specific wins
-            suffix = pattern[2:]
-            if host == suffix or host.endswith("." + suffix):
-                return pattern
-        return host
+        return self._patterns.match(host) or host.lower().rstrip(".")
 
     def limit(self, key: str) -> Decimal:
         return self._limits.get(key, self._default)

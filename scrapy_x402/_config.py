@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -39,6 +40,10 @@ class X402Config:
     allow_mainnet: bool = False
     assets: AssetTable = field(default_factory=lambda: AssetTable({}))
     budgets: Mapping[str, Decimal] = field(default_factory=dict)
+    bot_auth_domains: tuple[str, ...] = ()
+    bot_auth_key: str | None = field(default=None, repr=False)
+    bot_auth_label: str = "sig1"
+    bot_auth_validity: int = 60
     close_on_budget_exhausted: bool = False
     debug: bool = False
     default_budget: Decimal = Decimal(0)
@@ -58,6 +63,8 @@ class X402Config:
     schemes: tuple[str, ...] = ("deferred", "exact")
     settle_on_close: bool = True
     settlement_timeout: int = 120
+    signature_agent: str | None = None
+    signature_agent_syntax: str = "legacy"
     jobdir: str | None = None
 
     @classmethod
@@ -74,6 +81,10 @@ class X402Config:
                 pattern.lower(): parse_usd(v, f"X402_BUDGETS[{pattern!r}]")
                 for pattern, v in settings.getdict("X402_BUDGETS").items()
             },
+            bot_auth_domains=tuple(settings.getlist("X402_BOT_AUTH_DOMAINS")),
+            bot_auth_key=settings.get("X402_BOT_AUTH_KEY") or os.environ.get("X402_BOT_AUTH_KEY"),
+            bot_auth_label=settings.get("X402_BOT_AUTH_LABEL", "sig1"),
+            bot_auth_validity=settings.getint("X402_BOT_AUTH_VALIDITY", 60),
             close_on_budget_exhausted=settings.getbool("X402_CLOSE_ON_BUDGET_EXHAUSTED"),
             debug=settings.getbool("X402_DEBUG"),
             default_budget=parse_usd(
@@ -101,6 +112,12 @@ class X402Config:
             schemes=_schemes(settings.getlist("X402_SCHEMES", ["deferred", "exact"])),
             settle_on_close=settings.getbool("X402_SETTLE_ON_CLOSE", True),
             settlement_timeout=settings.getint("X402_SETTLEMENT_TIMEOUT", 120),
+            signature_agent=settings.get("X402_SIGNATURE_AGENT") or None,
+            signature_agent_syntax=_choice(
+                settings.get("X402_SIGNATURE_AGENT_SYNTAX", "legacy"),
+                "X402_SIGNATURE_AGENT_SYNTAX",
+                ("legacy", "dictionary"),
+            ),
             jobdir=jobdir,
         )
 
