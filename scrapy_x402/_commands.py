@@ -1,18 +1,23 @@
-"""``scrapy x402 settle [--dry-run]`` and ``scrapy x402 report [--json]``."""
+"""``scrapy x402 settle [--dry-run]``, ``scrapy x402 report [--json]``, ``scrapy x402 keys``."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from decimal import Decimal
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
+from scrapy_x402._botauth import load_identity
 from scrapy_x402._config import X402Config
 from scrapy_x402._settlement import Settler
 from scrapy_x402._wallet import WalletError, load_account
+from scrapy_x402._webbotauth import DIRECTORY_PATH, BotIdentity, IdentityError
 from scrapy_x402.ledger import Ledger, Status, open_ledger
 
 if TYPE_CHECKING:
@@ -41,10 +46,13 @@ class X402Command(ScrapyCommand):
     default_settings = {"LOG_LEVEL": "INFO"}
 
     def syntax(self) -> str:
-        return "settle [--dry-run] | report [--json]"
+        return "settle [--dry-run] | report [--json] | keys --agent URL [--key-file PATH]"
 
     def short_desc(self) -> str:
-        return "Settle owed x402 payments on-chain, or report payments per payee and domain"
+        return (
+            "Settle owed x402 payments on-chain, report payments per payee and domain, "
+            "or make a Web Bot Auth key and its directory"
+        )
 
     def add_options(self, parser: argparse.ArgumentParser) -> None:
         super().add_options(parser)
@@ -53,12 +61,26 @@ class X402Command(ScrapyCommand):
         )
         parser.add_argument("--json", action="store_true", help="report: print JSON")
         parser.add_argument("--ledger", metavar="URI", help="ledger URI (default: X402_LEDGER_URI)")
+        parser.add_argument(
+            "--agent",
+            metavar="URL",
+            help="keys: the https URL that will host the key directory (default: X402_SIGNATURE_AGENT)",
+        )
+        parser.add_argument(
+            "--key-file",
+            metavar="PATH",
+            default="x402-bot-key.jwk",
+            help="keys: where a new private key is written (mode 600) when X402_BOT_AUTH_KEY is unset",
+        )
 
     def run(self, args: list[str], opts: argparse.Namespace) -> None:
-        if len(args) != 1 or args[0] not in ("settle", "report"):
-            raise UsageError("expected `settle` or `report`")
+        if len(args) != 1 or args[0] not in ("settle", "report", "keys"):
+            raise UsageError("expected `settle`, `report` or `keys`")
         assert self.settings is not None
         config = X402Config.from_settings(self.settings)
+        if args[0] == "keys":
+            print(_keys(config, opts.agent or config.signature_agent, Path(opts.key_file)))
+            return
         ledger = open_ledger(opts.ledger or config.ledger_uri)
         try:
             if args[0] == "settle":
@@ -71,6 +93,47 @@ class X402Command(ScrapyCommand):
                 )
         finally:
             ledger.close()
+
+
+def _keys(config: X402Config, agent: str | None, key_file: Path) -> str:
+    """The configured Web Bot Auth key (or a new one, written to ``key_file``) and what to
+    host for it. The private key is never printed."""
+    if agent is None or not agent.startswith("https://"):
+        raise UsageError("give the https URL that will host the directory: --agent https://...")
+    try:
+        existing = load_identity(config)
+    except IdentityError as e:
+        raise UsageError(str(e)) from None
+    identity = existing or BotIdentity.generate(agent=agent)
+    body, headers = identity.directory(urlsplit(agent).netloc)
+    parts = []
+    if existing is None:
+        try:
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise UsageError(
+                f"{key_file} exists; set X402_BOT_AUTH_KEY={key_file} to use it"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(identity.private_jwk(), f)
+        parts += [
+            f"# New Ed25519 key written to {key_file} (mode 600): set X402_BOT_AUTH_KEY to it.",
+            "",
+        ]
+    parts += [
+        f"# keyid (JWK SHA-256 thumbprint): {identity.keyid}",
+        "# JWKS:",
+        json.dumps({"keys": [identity.public_jwk()]}),
+        "",
+        f"# Host this at {agent.rstrip('/')}{DIRECTORY_PATH}",
+        "# with these response headers (the signature expires in a day: regenerate it daily):",
+        *(f"{name}: {value}" for name, value in headers.items()),
+        "",
+        body.decode(),
+        "",
+        "# Then set X402_SIGNATURE_AGENT to that URL and register it with Cloudflare.",
+    ]
+    return "\n".join(parts)
 
 
 def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:

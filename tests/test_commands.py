@@ -79,3 +79,44 @@ def test_settle_without_a_key_is_a_usage_error(tmp_path):
         timeout=60,
     )
     assert run.returncode == 2 and "no wallet key" in run.stderr
+
+
+def test_keys_writes_a_new_key_and_prints_its_signed_directory(tmp_path):
+    from scrapy_x402._webbotauth import BotIdentity
+    from tests.edgeserver.verifier import public_key, verify
+
+    env = {k: v for k, v in os.environ.items() if k != "X402_BOT_AUTH_KEY"}
+    run = subprocess.run(
+        [sys.executable, "-m", "scrapy", "x402", "keys", "--agent", "https://crawler.example"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    key_file = tmp_path / "x402-bot-key.jwk"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    identity = BotIdentity.load(str(key_file))
+    assert identity.private_jwk()["d"] not in run.stdout  # the private key is never printed
+    assert f"keyid (JWK SHA-256 thumbprint): {identity.keyid}" in run.stdout
+    jwks = json.loads(run.stdout.split("# JWKS:\n", 1)[1].split("\n", 1)[0])
+    assert jwks == {"keys": [identity.public_jwk()]}
+    headers = dict(
+        line.split(": ", 1)
+        for line in run.stdout.splitlines()
+        if line.startswith(("Signature", "content-type"))
+    )
+    url = "https://crawler.example/.well-known/http-message-signatures-directory"
+    assert verify("GET", url, headers, {identity.keyid: public_key(jwks["keys"][0])}).params[
+        "tag"
+    ] == ("http-message-signatures-directory")
+    again = subprocess.run(
+        [sys.executable, "-m", "scrapy", "x402", "keys", "--agent", "https://crawler.example"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a key
