@@ -35,6 +35,8 @@ class Asset:
         return f"{Decimal(atomic).scaleb(-self.decimals, MONEY_CONTEXT)} {self.symbol}"
 
 
+CLOUDFLARE = "cloudflare:402"
+
 # USDC, pegged 1:1, on the networks x402 servers use.
 KNOWN_ASSETS = {
     ("eip155:8453", "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"),
@@ -51,6 +53,8 @@ class AssetTable:
         self._assets: dict[tuple[str, str], Asset] = {}
         for network, address in KNOWN_ASSETS:
             self._add(Asset(network, address, "USDC", 6, Decimal(1)))
+        # Cloudflare bills in US cents (batch-settlement amounts; crawler-price headers).
+        self._add(Asset(CLOUDFLARE, "USD", "USD", 2, Decimal(1)))
         for network, by_address in declared.items():
             for address, spec in by_address.items():
                 self._add(_declared_asset(network, address, spec))

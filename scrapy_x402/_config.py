@@ -45,6 +45,9 @@ class X402Config:
     bot_auth_label: str = "sig1"
     bot_auth_validity: int = 60
     close_on_budget_exhausted: bool = False
+    crawler_price_header: str = "crawler-max-price"
+    crawler_retry_backoff: float = 1.0
+    crawler_retry_times: int = 2
     debug: bool = False
     default_budget: Decimal = Decimal(0)
     item_receipt_field: str | None = None
@@ -86,6 +89,13 @@ class X402Config:
             bot_auth_label=settings.get("X402_BOT_AUTH_LABEL", "sig1"),
             bot_auth_validity=settings.getint("X402_BOT_AUTH_VALIDITY", 60),
             close_on_budget_exhausted=settings.getbool("X402_CLOSE_ON_BUDGET_EXHAUSTED"),
+            crawler_retry_backoff=settings.getfloat("X402_CRAWLER_RETRY_BACKOFF", 1.0),
+            crawler_retry_times=settings.getint("X402_CRAWLER_RETRY_TIMES", 2),
+            crawler_price_header=_choice(
+                settings.get("X402_CRAWLER_PRICE_HEADER", "crawler-max-price"),
+                "X402_CRAWLER_PRICE_HEADER",
+                ("crawler-max-price", "crawler-exact-price"),
+            ),
             debug=settings.getbool("X402_DEBUG"),
             default_budget=parse_usd(
                 settings.get("X402_DEFAULT_BUDGET", "0"), "X402_DEFAULT_BUDGET"

@@ -7,20 +7,20 @@ import time
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 
 from scrapy_x402._budget import TOTAL
 from scrapy_x402._config import parse_usd
-from scrapy_x402._networks import is_testnet
+from scrapy_x402._networks import evm_chain_id, is_testnet
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
     Challenge,
     InvalidChallenge,
     Offer,
     parse_challenge,
+    parse_crawler_price,
     parse_receipt,
-    payment_header,
 )
 from scrapy_x402._session import X402Session
 from scrapy_x402.ledger import PaymentRecord, Status
@@ -45,13 +45,20 @@ class X402DownloaderMiddleware:
         self._said: set[tuple[str, ...]] = set()  # what was already logged, once per domain
         self._closing: Any = None
         self._stopped_networks: set[str] = set()  # the wallet ran out of funds there
+        self._forbidden_domains: set[str] = set()  # CrawlerForbidden
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> X402DownloaderMiddleware:
         return cls(crawler)
 
     async def process_response(self, request: Request, response: Response) -> Request | Response:
+        if b"crawler-error" in response.headers:
+            self._crawler_error(request, response)
         if "_x402_payment" in request.meta:
+            if _internal_error(response):
+                retry = await self._retry_internal_error(request)
+                if retry is not None:
+                    return retry
             return self._paid_response(request, response)
         if response.status != 402 or request.meta.get("x402_dont_pay"):
             return response
@@ -67,7 +74,7 @@ class X402DownloaderMiddleware:
     def _pay(self, request: Request, response: Response) -> Request | Response:
         domain = urlparse_cached(request).hostname or ""
         try:
-            challenge = parse_challenge(response.headers.get(PAYMENT_REQUIRED), response.body)
+            challenge = _read_challenge(response, domain)
         except InvalidChallenge as e:
             self._inc("x402/invalid_challenge")
             self._once(
@@ -104,15 +111,16 @@ class X402DownloaderMiddleware:
             self._budget_exceeded(domain, refused)
             return response
         try:
-            signed = self.session.schemes[offer.scheme].sign(
+            scheme = self.session.schemes[offer.scheme]
+            signed = scheme.sign(
                 self.session.account,
                 offer,
                 offer.resource or request.url,
                 int(time.time()),
                 self.config.max_timeout_seconds,
             )
-            header, value = payment_header(
-                challenge, offer, signed.payload, _echo_extensions(challenge, signed.id)
+            payment_headers = scheme.headers(
+                challenge, offer, signed, _echo_extensions(challenge, signed.id)
             )
             # Recorded before the paid request leaves: a crash can never lose a signature.
             self.session.ledger.add(
@@ -151,7 +159,11 @@ class X402DownloaderMiddleware:
         paid = request.replace(
             dont_filter=True, priority=request.priority + self.config.priority_adjust
         )
-        paid.headers[header] = value
+        for name, value in payment_headers.items():
+            paid.headers[name] = value
+        if offer.scheme == "pay-per-crawl":
+            # Cloudflare: only InternalError may be retried; this middleware does it.
+            paid.meta["dont_retry"] = True
         # dont_redirect: a payment is for this URL; it never follows a redirect elsewhere.
         paid.meta.update(
             _x402_payment=signed.id,
@@ -178,7 +190,7 @@ class X402DownloaderMiddleware:
         acceptable: list[tuple[tuple[Any, ...], Offer, Asset, Decimal]] = []
         refusals = []
         for offer in challenge.offers:
-            reason, asset = self._refusal(offer)
+            reason, asset = self._refusal(offer, domain)
             if asset is not None:
                 usd = asset.to_usd(offer.amount)
                 if usd > max_price:
@@ -205,7 +217,9 @@ class X402DownloaderMiddleware:
         )
         return None
 
-    def _refusal(self, offer: Offer) -> tuple[str | None, Asset | None]:
+    def _refusal(self, offer: Offer, domain: str) -> tuple[str | None, Asset | None]:
+        if domain in self._forbidden_domains:
+            return "crawler_forbidden", None
         scheme = self.session.schemes.get(offer.scheme)
         if offer.scheme not in self.config.schemes or scheme is None:
             return "scheme", None
@@ -213,7 +227,11 @@ class X402DownloaderMiddleware:
             return reason, None
         if self.config.networks is not None and offer.network not in self.config.networks:
             return "network", None
-        if not is_testnet(offer.network) and not self.config.allow_mainnet:
+        if (
+            evm_chain_id(offer.network) is not None
+            and not is_testnet(offer.network)
+            and not self.config.allow_mainnet
+        ):
             return "mainnet", None
         if offer.network in self._stopped_networks:
             return "insufficient_funds", None
@@ -221,6 +239,33 @@ class X402DownloaderMiddleware:
         if asset is None:
             return "asset", None
         return None, asset
+
+    async def _retry_internal_error(self, request: Request) -> Request | None:
+        """Cloudflare's InternalError is its only retryable error: retry the same payment
+        after an exponential backoff, X402_CRAWLER_RETRY_TIMES times at most."""
+        retries = request.meta.get("_x402_internal_retries", 0)
+        if retries >= self.config.crawler_retry_times:
+            return None
+        from twisted.internet import reactor  # noqa: PLC0415 (importing it installs one)
+        from twisted.internet.task import deferLater  # noqa: PLC0415
+
+        delay = self.config.crawler_retry_backoff * 2**retries
+        self._inc("x402/crawler_retry")
+        await maybe_deferred_to_future(deferLater(reactor, delay, lambda: None))
+        retry = request.replace(dont_filter=True)
+        retry.meta["_x402_internal_retries"] = retries + 1
+        return retry
+
+    def _crawler_error(self, request: Request, response: Response) -> None:
+        """Cloudflare's error codes: each counted; CrawlerForbidden ends paying the domain."""
+        code = (response.headers.get(b"crawler-error") or b"").decode("latin-1")[:64]
+        domain = urlparse_cached(request).hostname or ""
+        self._inc(f"x402/crawler_error/{code}")
+        if code == "CrawlerForbidden" and domain not in self._forbidden_domains:
+            self._forbidden_domains.add(domain)
+            logger.warning(
+                "x402: %s forbids this crawler (CrawlerForbidden); no more payments there", domain
+            )
 
     def _budget_exceeded(self, domain: str, refused: str) -> None:
         self._inc(f"x402/budget_exceeded/{domain}")
@@ -271,7 +316,12 @@ class X402DownloaderMiddleware:
         if response.status != 402:
             self._unconfirmed(request, f"http_{response.status}")
             return response
-        reason = str((receipt or {}).get("errorReason") or _challenge_error(response) or "refused")
+        reason = str(
+            (receipt or {}).get("errorReason")
+            or (response.headers.get("crawler-error") or b"").decode("latin-1")
+            or _challenge_error(response)
+            or "refused"
+        )
         network = request.meta["x402_payment"]["network"]
         self._unconfirmed(request, reason, refused=True)
         if _out_of_funds(reason) and network not in self._stopped_networks:
@@ -372,6 +422,19 @@ def _echo_extensions(challenge: Challenge, payment_id: str) -> dict[str, Any]:
     info = declared.get("info")
     info = info if isinstance(info, dict) else {}
     return {"payment-identifier": {**declared, "info": {**info, "id": payment_id[2:]}}}
+
+
+def _internal_error(response: Response) -> bool:
+    return response.status == 500 and response.headers.get("crawler-error") == b"InternalError"
+
+
+def _read_challenge(response: Response, domain: str) -> Challenge:
+    """x402 v2 header, else Cloudflare's crawler-price header, else an x402 v1 body."""
+    header = response.headers.get(PAYMENT_REQUIRED)
+    price = response.headers.get("crawler-price")
+    if header is None and price is not None:
+        return parse_crawler_price(price, domain, response.url)
+    return parse_challenge(header, response.body)
 
 
 def _challenge_error(response: Response) -> str | None:

@@ -214,8 +214,44 @@ def _v1_network(raw: Mapping[str, Any]) -> str:
     return str(raw.get("network", ""))
 
 
+def parse_usd_cents(value: str) -> int:
+    """Cloudflare's price form ``USD 0.01`` in whole cents; anything else is refused."""
+    currency, _, amount = value.strip().partition(" ")
+    if currency != "USD" or not re.fullmatch(r"[0-9]{1,9}(\.[0-9]{1,2})?", amount.strip()):
+        raise InvalidChallenge(f"price {value[:40]!r} is not 'USD <dollars>.<cents>'")
+    dollars, _, cents = amount.strip().partition(".")
+    return int(dollars) * 100 + int(cents.ljust(2, "0"))
+
+
+def format_usd_cents(cents: int) -> str:
+    return f"USD {cents // 100}.{cents % 100:02d}"
+
+
+def parse_crawler_price(value: bytes, host: str, url: str) -> Challenge:
+    """Cloudflare pay-per-crawl's header form: ``crawler-price: USD 0.01``."""
+    cents = parse_usd_cents(value.decode("latin-1"))
+    if cents <= 0:
+        raise InvalidChallenge("crawler-price is zero")
+    offer = Offer(
+        scheme="pay-per-crawl",
+        network="cloudflare:402",
+        amount=cents,
+        asset="USD",
+        pay_to=host,
+        max_timeout_seconds=None,
+        resource=url,
+        extra={},
+        raw={"crawler-price": value.decode("latin-1")},
+    )
+    return Challenge(version=0, offers=(offer,), resource=None, error=None, extensions={})
+
+
 def parse_receipt(headers: Any) -> dict[str, Any] | None:
-    """The decoded ``PAYMENT-RESPONSE`` (or v1 ``X-PAYMENT-RESPONSE``), if readable."""
+    """The decoded ``PAYMENT-RESPONSE`` (or v1 ``X-PAYMENT-RESPONSE``), if readable; for
+    Cloudflare's header form, ``{"crawler-charged": "USD 0.01"}``."""
+    charged = headers.get("crawler-charged")
+    if charged:
+        return {"crawler-charged": charged.decode("latin-1")}
     for name in (PAYMENT_RESPONSE, V1_PAYMENT_RESPONSE):
         value = headers.get(name)
         if value:

@@ -60,7 +60,12 @@ class X402Session:
             self.ledger.spent_by_budget(self.run_id),
         )
         self.chain = ChainReader(config.rpc_urls)
-        self.schemes = build_schemes(self.chain, account.address)
+        self.schemes = build_schemes(
+            self.chain,
+            account.address,
+            bot_identity=bool(config.bot_auth_key),
+            price_header=config.crawler_price_header,
+        )
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",

@@ -69,6 +69,8 @@ class Settler:
         """Resolve settlements a crash left pending, then pay everything owed."""
         outcomes = [] if dry_run else [self._recover(s) for s in self._pending()]
         for owed in self.ledger.owed(self.account.address):
+            if evm_chain_id(owed.network) is None:
+                continue  # not paid on-chain: e.g. Cloudflare invoices cloudflare:402
             outcome = self._skip_reason(owed)
             if outcome is None:
                 outcome = _outcome(owed, "planned") if dry_run else self._pay(owed)

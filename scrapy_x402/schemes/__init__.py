@@ -8,21 +8,29 @@ from scrapy_x402.schemes._base import Confirmation, Scheme, SignedPayment
 from scrapy_x402.schemes._permit2 import Permit2Allowances
 from scrapy_x402.schemes.deferred import DeferredScheme
 from scrapy_x402.schemes.exact import ExactScheme
+from scrapy_x402.schemes.pay_per_crawl import PayPerCrawlScheme
 from scrapy_x402.schemes.upto import UptoScheme
 
 if TYPE_CHECKING:
     from scrapy_x402._chain import ChainReader
 
-SCHEME_NAMES = ("deferred", "exact", "upto")
+SCHEME_NAMES = ("deferred", "exact", "upto", "pay-per-crawl")
 
 
-def build_schemes(chain: ChainReader, payer: str) -> dict[str, Scheme]:
+def build_schemes(
+    chain: ChainReader,
+    payer: str,
+    *,
+    bot_identity: bool = False,
+    price_header: str = "crawler-max-price",
+) -> dict[str, Scheme]:
     """The schemes of one crawl; Permit2 payments share one view of the wallet's allowances."""
     permit2 = Permit2Allowances(chain, payer)
     return {
         "deferred": DeferredScheme(),
         "exact": ExactScheme(permit2),
         "upto": UptoScheme(permit2),
+        "pay-per-crawl": PayPerCrawlScheme(price_header, bot_identity),
     }
 
 
@@ -31,6 +39,7 @@ __all__ = [
     "Confirmation",
     "DeferredScheme",
     "ExactScheme",
+    "PayPerCrawlScheme",
     "Scheme",
     "SignedPayment",
     "UptoScheme",

@@ -6,8 +6,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from scrapy_x402._protocol import payment_header
+
 if TYPE_CHECKING:
-    from scrapy_x402._protocol import Offer
+    from scrapy_x402._protocol import Challenge, Offer
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,29 @@ class Scheme(Protocol):
 
     def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
         """For a held payment: whether the chain shows its signature used."""
+
+    def headers(
+        self,
+        challenge: Challenge,
+        offer: Offer,
+        signed: SignedPayment,
+        extensions: Mapping[str, Any],
+    ) -> dict[str, str]:
+        """The request headers that carry the payment."""
+
+
+class X402Scheme:
+    """Schemes paid with an x402 payment header (v2 PAYMENT-SIGNATURE, v1 X-PAYMENT)."""
+
+    def headers(
+        self,
+        challenge: Challenge,
+        offer: Offer,
+        signed: SignedPayment,
+        extensions: Mapping[str, Any],
+    ) -> dict[str, str]:
+        name, value = payment_header(challenge, offer, signed.payload, extensions)
+        return {name: value}
 
 
 def hex0x(data: bytes) -> str:

@@ -20,6 +20,7 @@ from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import (
     Confirmation,
     SignedPayment,
+    X402Scheme,
     hex0x,
     random_nonce,
     validity,
@@ -129,7 +130,7 @@ def _bytes32(value: Any) -> str:
     return value.lower()
 
 
-class DeferredScheme:
+class DeferredScheme(X402Scheme):
     name = "deferred"
     held_until_expiry = False  # a commitment moves nothing by itself: only we settle it
 

@@ -17,6 +17,7 @@ from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import (
     Confirmation,
     SignedPayment,
+    X402Scheme,
     hex0x,
     random_nonce,
     settled_transaction,
@@ -73,7 +74,7 @@ def _uses_permit2(offer: Offer) -> bool:
     return offer.extra.get("assetTransferMethod") == "permit2"
 
 
-class ExactScheme:
+class ExactScheme(X402Scheme):
     name = "exact"
     held_until_expiry = True
 

@@ -13,7 +13,13 @@ from eth_utils import is_hex_address, to_checksum_address
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
 from scrapy_x402.ledger import Status
-from scrapy_x402.schemes._base import Confirmation, SignedPayment, settled_transaction, validity
+from scrapy_x402.schemes._base import (
+    Confirmation,
+    SignedPayment,
+    X402Scheme,
+    settled_transaction,
+    validity,
+)
 from scrapy_x402.schemes._permit2 import (
     UPTO_PROXY,
     UPTO_WITNESS,
@@ -26,7 +32,7 @@ from scrapy_x402.schemes.exact import CLOCK_SKEW
 logger = logging.getLogger(__name__)
 
 
-class UptoScheme:
+class UptoScheme(X402Scheme):
     name = "upto"
     held_until_expiry = True
 

@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 class MockServer:
+    module = "tests.mockserver.site"
+
     def __init__(self, config: dict[str, Any], tmp_path: Path):
         self.config_path = tmp_path / "mockserver.json"
         self.book = tmp_path / "publisher-book.jsonl"
@@ -22,7 +24,7 @@ class MockServer:
 
     def __enter__(self) -> MockServer:
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "tests.mockserver.site", str(self.config_path)],
+            [sys.executable, "-m", self.module, str(self.config_path)],
             stdout=subprocess.PIPE,
             text=True,
             cwd=ROOT,
@@ -40,7 +42,7 @@ class MockServer:
         self._process.stdout.close()
 
     def accepted(self) -> list[dict[str, Any]]:
-        """The publisher's record of the commitments it accepted."""
+        """The publisher's record of what it accepted (commitments, or charges)."""
         if not self.book.exists():
             return []
         return [json.loads(line) for line in self.book.read_text().splitlines()]
