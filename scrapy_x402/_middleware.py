@@ -15,6 +15,7 @@ from scrapy_x402._config import parse_usd
 from scrapy_x402._networks import evm_chain_id, is_testnet
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
+    UNKNOWN_AMOUNT,
     Challenge,
     InvalidChallenge,
     Offer,
@@ -100,6 +101,12 @@ class X402DownloaderMiddleware:
             return response
         choice = self._choose(challenge, max_price, domain)
         if choice is None:
+            if self._price_pending(challenge) and not request.meta.get("_x402_signed_retry"):
+                # Cloudflare names its price once it recognises the crawler: ask again, signed.
+                self._inc("x402/signed_retry")
+                retry = request.replace(dont_filter=True)
+                retry.meta.update(x402_sign=True, _x402_signed_retry=True)
+                return retry
             return response
         offer, asset, usd = choice
         budgets = self.session.budgets
@@ -216,6 +223,13 @@ class X402DownloaderMiddleware:
             ", ".join(refusals),
         )
         return None
+
+    def _price_pending(self, challenge: Challenge) -> bool:
+        """An offer we could pay but for its missing price, which a signed request may get."""
+        return any(
+            offer.amount == UNKNOWN_AMOUNT and self._refusal(offer, "")[0] == "amount_unknown"
+            for offer in challenge.offers
+        )
 
     def _refusal(self, offer: Offer, domain: str) -> tuple[str | None, Asset | None]:
         if domain in self._forbidden_domains:

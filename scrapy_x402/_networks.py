@@ -25,7 +25,8 @@ CAIP2_TO_V1 = {v: k for k, v in V1_NAMES.items()}
 # chain is refused unless X402_ALLOW_MAINNET is set.
 TESTNET_CHAIN_IDS = frozenset({84532, 11155111, 80002, 43113, 421614, 11155420, 31337, 1337})
 
-_CAIP2 = re.compile(r"^[-a-z0-9]{3,8}:[-_a-zA-Z0-9]{1,32}$")
+# CAIP-2 allows 3-8 characters of namespace; Cloudflare's "cloudflare:402" has 10.
+_CAIP2 = re.compile(r"^[-a-z0-9]{3,16}:[-_a-zA-Z0-9]{1,32}$")
 
 
 def normalize_network(name: str) -> str | None:

@@ -27,6 +27,7 @@ V1_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 MAX_OFFERS = 32
+UNKNOWN_AMOUNT = 0  # an offer whose price is not given yet; never paid as such
 _ATOMIC = re.compile(r"^[0-9]{1,78}$")  # uint256 has at most 78 decimal digits
 
 
@@ -143,9 +144,11 @@ def _offer(raw: Any, version: int, resource: Mapping[str, Any] | None) -> Offer:
     network = normalize_network(raw["network"]) if isinstance(raw.get("network"), str) else None
     if network is None:
         raise InvalidChallenge(f"an offer has no valid network ({raw.get('network')!r})")
-    amount = parse_atomic(
-        raw.get("amount" if version == 2 else "maxAmountRequired", raw.get("amount"))
-    )
+    value = raw.get("amount" if version == 2 else "maxAmountRequired", raw.get("amount"))
+    if value is None and network == "cloudflare:402":
+        amount = UNKNOWN_AMOUNT  # Cloudflare names the price once it recognises the crawler
+    else:
+        amount = parse_atomic(value)
     asset, pay_to = raw.get("asset"), raw.get("payTo")
     if not isinstance(asset, str) or not isinstance(pay_to, str) or not asset or not pay_to:
         raise InvalidChallenge("an offer has no asset or payTo")

@@ -3,6 +3,7 @@ signatures with its own verifier."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -152,3 +153,40 @@ async def test_no_identity_no_payment(tmp_path, identity, cloudflare_settings, m
         crawler, items = await crawl(cloudflare_settings, [f"{server.url}/ppc/1"])
     assert items == []
     assert crawler.stats.get_value("x402/offer_refused/no_bot_identity") == 1
+
+
+@deferred_f_from_coro_f
+async def test_batch_settlement_on_cloudflare_402(tmp_path, identity, cloudflare_settings):
+    settings = {
+        **cloudflare_settings,
+        "X402_SCHEMES": ["batch-settlement"],
+        "CONCURRENT_REQUESTS": 1,
+    }
+    with edge(tmp_path, identity, price_cents=2) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/x402/{n}" for n in range(3)])
+        charged = server.accepted()
+    stats = crawler.stats.get_stats()
+    assert len(items) == 3 == len(charged)
+    # No price until the crawler is recognised: each page is asked again, signed, then paid.
+    assert stats["x402/signed_retry"] == 3
+    assert stats["x402/payment_count"] == 3
+    assert (
+        rows(settings)
+        == [("batch-settlement", "cloudflare:402", Status.ACCEPTED, "2", "0.02", None)] * 3
+    )
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    receipts = [json.loads(r) for (r,) in ledger._execute("SELECT receipt FROM x402_payments")]
+    ledger.close()
+    assert all(set(r) == {"amount", "asset", "network", "timestamp"} for r in receipts)
+
+
+def test_edge_accepts_a_pre_authorised_request(tmp_path, identity):
+    """Both forms may be paid on the first request (the crawler's pre-authorised flow)."""
+    import urllib.request
+
+    with edge(tmp_path, identity) as server:
+        url = f"{server.url}/ppc/9"
+        headers = {"crawler-max-price": "USD 0.05"}
+        headers.update(identity.sign_request("GET", url, headers))
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as response:
+            assert response.headers["crawler-charged"] == "USD 0.01"

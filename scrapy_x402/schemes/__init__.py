@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from scrapy_x402.schemes._base import Confirmation, Scheme, SignedPayment
 from scrapy_x402.schemes._permit2 import Permit2Allowances
+from scrapy_x402.schemes.batch_settlement import BatchSettlementScheme
 from scrapy_x402.schemes.deferred import DeferredScheme
 from scrapy_x402.schemes.exact import ExactScheme
 from scrapy_x402.schemes.pay_per_crawl import PayPerCrawlScheme
@@ -14,7 +15,7 @@ from scrapy_x402.schemes.upto import UptoScheme
 if TYPE_CHECKING:
     from scrapy_x402._chain import ChainReader
 
-SCHEME_NAMES = ("deferred", "exact", "upto", "pay-per-crawl")
+SCHEME_NAMES = ("deferred", "exact", "upto", "batch-settlement", "pay-per-crawl")
 
 
 def build_schemes(
@@ -30,12 +31,14 @@ def build_schemes(
         "deferred": DeferredScheme(),
         "exact": ExactScheme(permit2),
         "upto": UptoScheme(permit2),
+        "batch-settlement": BatchSettlementScheme(bot_identity),
         "pay-per-crawl": PayPerCrawlScheme(price_header, bot_identity),
     }
 
 
 __all__ = [
     "SCHEME_NAMES",
+    "BatchSettlementScheme",
     "Confirmation",
     "DeferredScheme",
     "ExactScheme",

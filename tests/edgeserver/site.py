@@ -6,13 +6,14 @@ for an acceptable crawler-max-price / crawler-exact-price, and its crawler-error
 
     python -m tests.edgeserver.site config.json     # prints its URL, then serves
 
-Paths: /ppc/<n> (priced), /forbidden/<n> (CrawlerForbidden when paid), /flaky/<n> (InternalError once
+Paths: /x402/<n> (x402 batch-settlement on cloudflare:402), /ppc/<n> (priced), /forbidden/<n> (CrawlerForbidden when paid), /flaky/<n> (InternalError once
 per path after payment), /payment-failed/<n> (PaymentFailed), the free paths (never priced;
 with "price_free_paths" they answer 402 anyway, to see that the crawler still does not pay).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 import time
@@ -57,6 +58,8 @@ class Edge(Resource):
         url = f"http://{headers.get('host', '')}{request.uri.decode()}"
         if path in FREE_PATHS and not self.price_free_paths:
             return self.page(path)
+        if path.startswith("/x402/"):
+            return self.x402(request, path, url, headers)
         prices = [h for h in PRICE_HEADERS if h in headers]
         if "signature" in headers or prices:
             try:
@@ -96,6 +99,84 @@ class Edge(Resource):
         self.book.write(json.dumps({"url": url, "cents": self.price, "header": prices[0]}) + "\n")
         self.book.flush()
         return self.page(path)
+
+    def x402(self, request: Request, path: str, url: str, headers: dict[str, str]) -> bytes:
+        """The x402 form: batch-settlement on cloudflare:402. The price is named only to a
+        crawler whose signature verifies; the payment header must be covered by it."""
+        recognised = False
+        if "signature" in headers:
+            try:
+                verified = verify("GET", url, headers, self.keys)
+                payment = ["payment-signature"] if "payment-signature" in headers else []
+                self.check_web_bot_auth(verified, headers, payment)
+                recognised = True
+            except Rejected as e:
+                return self.x402_required(
+                    request, url, recognised, error="invalid_signature", why=str(e)
+                )
+        if "payment-signature" not in headers:
+            return self.x402_required(request, url, recognised)
+        if not recognised:
+            return self.x402_required(request, url, recognised, error="signature_agent_unknown")
+        try:
+            payment = json.loads(base64.b64decode(headers["payment-signature"]))
+            amount = int(payment["payload"]["amount"])
+            ok = (
+                payment["accepted"]["network"] == "cloudflare:402"
+                and payment["payload"]["asset"] == "USD"
+            )
+        except (ValueError, KeyError, TypeError):
+            return self.x402_required(request, url, recognised, error="invalid_payment_signature")
+        if not ok or amount < self.price:
+            return self.x402_required(request, url, recognised, error="price_not_acceptable")
+        receipt = {
+            "amount": str(self.price),
+            "asset": "USD",
+            "network": "cloudflare:402",
+            "timestamp": int(time.time()),
+        }
+        request.setHeader(
+            "PAYMENT-RESPONSE", base64.b64encode(json.dumps(receipt).encode()).decode()
+        )
+        self.book.write(
+            json.dumps({"url": url, "cents": self.price, "header": "payment-signature"}) + "\n"
+        )
+        self.book.flush()
+        return self.page(path)
+
+    def x402_required(
+        self, request: Request, url: str, recognised: bool, error: str | None = None, why: str = ""
+    ) -> bytes:
+        offer: dict[str, Any] = {
+            "scheme": "batch-settlement",
+            "network": "cloudflare:402",
+            "asset": "USD",
+            "payTo": "merchant",
+            "extra": {"version": "1.0.0"},
+        }
+        if recognised:  # an unrecognised crawler is not told the price
+            offer["amount"] = str(self.price)
+        terms = {
+            "x402Version": 2,
+            "error": error or "payment required",
+            "resource": {"url": url},
+            "accepts": [offer],
+            "extensions": {
+                "http-message-signatures": {
+                    "registrationUrl": "https://dash.cloudflare.example/bots",
+                    "signatureSchemes": ["ed25519"],
+                    "tags": ["web-bot-auth"],
+                }
+            },
+        }
+        request.setResponseCode(402)
+        request.setHeader("PAYMENT-REQUIRED", base64.b64encode(json.dumps(terms).encode()).decode())
+        if error:
+            refusal = {"success": False, "errorReason": error}
+            request.setHeader(
+                "PAYMENT-RESPONSE", base64.b64encode(json.dumps(refusal).encode()).decode()
+            )
+        return f"402 {error or ''} {why}".encode()
 
     def check_web_bot_auth(self, verified, headers: dict[str, str], prices: list[str]) -> None:
         params = verified.params
