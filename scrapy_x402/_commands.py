@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import datetime
+import io
 import json
 import os
 from collections import defaultdict
@@ -13,6 +16,7 @@ from urllib.parse import urlsplit
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
 
+from scrapy_x402._assets import CLOUDFLARE
 from scrapy_x402._botauth import load_identity
 from scrapy_x402._config import X402Config
 from scrapy_x402._settlement import Settler
@@ -38,6 +42,16 @@ BUCKETS = {
     Status.EXPIRED: "refused",
 }
 MONEY_BUCKETS = ("owed", "settled", "held")
+STATEMENT_FIELDS = (
+    "date",
+    "domain",
+    "url",
+    "amount_usd",
+    "receipt_timestamp",
+    "status",
+    "invoice",
+    "payment_id",
+)
 
 
 class X402Command(ScrapyCommand):
@@ -46,7 +60,10 @@ class X402Command(ScrapyCommand):
     default_settings = {"LOG_LEVEL": "INFO"}
 
     def syntax(self) -> str:
-        return "settle [--dry-run] | report [--json] | keys --agent URL [--key-file PATH]"
+        return (
+            "settle [--dry-run] [--invoice REF --period YYYY-MM] | "
+            "report [--json] [--statement YYYY-MM] | keys --agent URL [--key-file PATH]"
+        )
 
     def short_desc(self) -> str:
         return (
@@ -60,6 +77,17 @@ class X402Command(ScrapyCommand):
             "--dry-run", action="store_true", help="settle: print what would be paid, send nothing"
         )
         parser.add_argument("--json", action="store_true", help="report: print JSON")
+        parser.add_argument(
+            "--statement",
+            metavar="YYYY-MM",
+            help="report: Cloudflare's charges of that month (UTC), as CSV (or JSON with --json)",
+        )
+        parser.add_argument(
+            "--invoice",
+            metavar="REF",
+            help="settle: mark the --period's Cloudflare charges paid by this invoice",
+        )
+        parser.add_argument("--period", metavar="YYYY-MM", help="settle --invoice: the month (UTC)")
         parser.add_argument("--ledger", metavar="URI", help="ledger URI (default: X402_LEDGER_URI)")
         parser.add_argument(
             "--agent",
@@ -83,8 +111,12 @@ class X402Command(ScrapyCommand):
             return
         ledger = open_ledger(opts.ledger or config.ledger_uri)
         try:
-            if args[0] == "settle":
+            if args[0] == "settle" and opts.invoice:
+                print(_settle_invoice(ledger, opts.invoice, opts.period))
+            elif args[0] == "settle":
                 self.exitcode = _settle(ledger, config, opts.dry_run)
+            elif opts.statement:
+                print(_statement(ledger, opts.statement, opts.json))
             else:
                 print(
                     _report_json(ledger, config.assets)
@@ -136,6 +168,60 @@ def _keys(config: X402Config, agent: str | None, key_file: Path) -> str:
     return "\n".join(parts)
 
 
+def _period(text: str | None) -> tuple[int, int]:
+    """A calendar month, UTC, as [start, end) unix times."""
+    try:
+        start = datetime.datetime.strptime(text or "", "%Y-%m").replace(
+            tzinfo=datetime.timezone.utc
+        )
+    except ValueError:
+        raise UsageError(f"a period is a month, YYYY-MM, not {text!r}") from None
+    end = (start + datetime.timedelta(days=32)).replace(day=1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+def _iso(timestamp: Any) -> str:
+    if not isinstance(timestamp, int) or isinstance(timestamp, bool):
+        return ""
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat()
+
+
+def _statement(ledger: Ledger, period: str, as_json: bool) -> str:
+    """Cloudflare's charges for a month, to reconcile against its invoice."""
+    lines = [
+        {
+            "date": _iso(line.created_at),
+            "domain": line.domain,
+            "url": line.url,
+            "amount_usd": str(line.usd),
+            "receipt_timestamp": _iso(line.receipt.get("timestamp")),
+            "status": "settled" if line.status == Status.SETTLED else "owed",
+            "invoice": (line.settled_by or "").removeprefix("invoice:"),
+            "payment_id": line.id,
+        }
+        for line in ledger.statement(CLOUDFLARE, *_period(period))
+    ]
+    total = sum((Decimal(line["amount_usd"]) for line in lines), Decimal(0))
+    if as_json:
+        return json.dumps(
+            {"network": CLOUDFLARE, "period": period, "total_usd": str(total), "lines": lines},
+            indent=2,
+        )
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(STATEMENT_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(lines)
+    return out.getvalue().rstrip("\n")
+
+
+def _settle_invoice(ledger: Ledger, invoice: str, period: str | None) -> str:
+    lines = ledger.statement(CLOUDFLARE, *_period(period))
+    owed = [line for line in lines if line.status == Status.ACCEPTED]
+    marked = ledger.settle_by_invoice(CLOUDFLARE, *_period(period), invoice)
+    total = sum((line.usd for line in owed), Decimal(0))
+    return f"Marked {marked} Cloudflare charges of {period} ({total} USD) settled by invoice {invoice}."
+
+
 def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
     try:
         account = load_account(config)
@@ -147,7 +233,7 @@ def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
         ledger, account, config.rpc_urls, config.assets, config.settlement_timeout
     ).settle(dry_run=dry_run)
     if not outcomes:
-        print("Nothing is owed.")
+        print("Nothing is owed on-chain.")
         return 0
     print(
         _table(

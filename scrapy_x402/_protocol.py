@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import json
 import re
 from collections.abc import Mapping
@@ -254,7 +255,13 @@ def parse_receipt(headers: Any) -> dict[str, Any] | None:
     Cloudflare's header form, ``{"crawler-charged": "USD 0.01"}``."""
     charged = headers.get("crawler-charged")
     if charged:
-        return {"crawler-charged": charged.decode("latin-1")}
+        receipt: dict[str, Any] = {"crawler-charged": charged.decode("latin-1")}
+        try:  # when Cloudflare charged: its Date header
+            date = email.utils.parsedate_to_datetime(headers.get("Date", b"").decode("latin-1"))
+            receipt["timestamp"] = int(date.timestamp())
+        except (TypeError, ValueError):
+            pass
+        return receipt
     for name in (PAYMENT_RESPONSE, V1_PAYMENT_RESPONSE):
         value = headers.get(name)
         if value:

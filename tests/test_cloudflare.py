@@ -190,3 +190,60 @@ def test_edge_accepts_a_pre_authorised_request(tmp_path, identity):
         headers.update(identity.sign_request("GET", url, headers))
         with urllib.request.urlopen(urllib.request.Request(url, headers=headers)) as response:
             assert response.headers["crawler-charged"] == "USD 0.01"
+
+
+@deferred_f_from_coro_f
+async def test_statement_and_invoice_settlement(tmp_path, identity, cloudflare_settings):
+    import datetime
+    import os
+    import subprocess
+    import sys
+
+    settings = {
+        **cloudflare_settings,
+        "X402_SCHEMES": ["pay-per-crawl", "batch-settlement"],
+        "CONCURRENT_REQUESTS": 1,
+    }
+    with edge(tmp_path, identity) as server:
+        await crawl(
+            settings, [f"{server.url}/ppc/1", f"{server.url}/ppc/2", f"{server.url}/x402/3"]
+        )
+    month = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m")
+
+    def x402(*args: str) -> str:
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "scrapy",
+                "x402",
+                *args,
+                "--ledger",
+                settings["X402_LEDGER_URI"],
+            ],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    csv_lines = x402("report", "--statement", month).splitlines()
+    assert csv_lines[0] == "date,domain,url,amount_usd,receipt_timestamp,status,invoice,payment_id"
+    assert len(csv_lines) == 4
+    assert all(
+        ",127.0.0.1," in line and ",0.01,20" in line and ",owed,," in line for line in csv_lines[1:]
+    )
+    statement = json.loads(x402("report", "--statement", month, "--json"))
+    assert statement["total_usd"] == "0.03" and len(statement["lines"]) == 3
+    assert all(line["receipt_timestamp"] for line in statement["lines"])
+    # Settlement does not pay Cloudflare on-chain; the invoice settles the month.
+    assert "Nothing is owed on-chain." in x402("settle")
+    assert "Marked 3 Cloudflare charges" in x402("settle", "--invoice", "INV-77", "--period", month)
+    settled = json.loads(x402("report", "--statement", month, "--json"))
+    assert {(line["status"], line["invoice"]) for line in settled["lines"]} == {
+        ("settled", "INV-77")
+    }
+    assert "Marked 0 Cloudflare charges" in x402("settle", "--invoice", "INV-78", "--period", month)

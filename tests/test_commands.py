@@ -48,7 +48,7 @@ def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees)
     assert token.balance_of(payees[0]) == 10_000
 
     again = scrapy(tmp_path, payer, chain, token, "settle")
-    assert "Nothing is owed." in again.stdout
+    assert "Nothing is owed on-chain." in again.stdout
     assert token.balance_of(payees[0]) == 10_000
 
     report = json.loads(scrapy(tmp_path, payer, chain, token, "report", "--json").stdout)

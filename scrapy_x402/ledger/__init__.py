@@ -12,6 +12,7 @@ from scrapy_x402.ledger._base import (
     OwedTotal,
     PaymentRecord,
     Settlement,
+    StatementLine,
     Status,
     SummaryRow,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PaymentRecord",
     "SQLiteLedger",
     "Settlement",
+    "StatementLine",
     "Status",
     "SummaryRow",
     "open_ledger",

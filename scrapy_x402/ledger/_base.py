@@ -79,6 +79,19 @@ class Settlement:
     reason: str | None = None
 
 
+@dataclass(frozen=True)
+class StatementLine:
+    id: str
+    created_at: int
+    domain: str
+    url: str
+    amount: int
+    usd: Decimal
+    status: str
+    receipt: dict[str, Any]
+    settled_by: str | None
+
+
 @dataclass
 class SummaryRow:
     domain: str
@@ -297,6 +310,49 @@ class Ledger(ABC):
             row.amount += int(amount)
             row.usd += Decimal(usd)
         return [rows[k] for k in sorted(rows)]
+
+    # -- invoiced networks (Cloudflare) -------------------------------------------------
+
+    def statement(self, network: str, start: int, end: int) -> list[StatementLine]:
+        """What was charged on an invoiced network between two unix times (owed or settled)."""
+        return [
+            StatementLine(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                int(r[4]),
+                Decimal(r[5]),
+                r[6],
+                json.loads(r[7]) if r[7] else {},
+                r[8],
+            )
+            for r in self._execute(
+                "SELECT id, created_at, domain, url, amount, usd, status, receipt, settlement_id "
+                "FROM x402_payments WHERE network = ? AND status IN (?, ?) "
+                "AND created_at >= ? AND created_at < ? ORDER BY created_at, id",
+                (network, Status.ACCEPTED, Status.SETTLED, start, end),
+            )
+        ]
+
+    def settle_by_invoice(self, network: str, start: int, end: int, invoice: str) -> int:
+        """Mark a period's owed payments on an invoiced network settled by ``invoice``."""
+        with self._transaction():
+            return int(
+                self._execute(
+                    "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
+                    "WHERE network = ? AND status = ? AND created_at >= ? AND created_at < ?",
+                    (
+                        Status.SETTLED,
+                        f"invoice:{invoice}",
+                        int(time.time()),
+                        network,
+                        Status.ACCEPTED,
+                        start,
+                        end,
+                    ),
+                ).rowcount
+            )
 
     # -- settlements ----------------------------------------------------------------
 
