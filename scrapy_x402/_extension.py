@@ -44,7 +44,7 @@ class X402Settlement:
         for domain in sorted(spent):
             logger.info("x402: %s: %d paid pages, %s USD", domain, pages[domain], spent[domain])
         stats.set_value("x402/spent_usd", str(sum(spent.values(), Decimal(0))))
-        if not session.config.settle_on_close:
+        if not session.config.settle_on_close or session.account is None:
             return
         settler = Settler(
             session.ledger,

@@ -137,7 +137,7 @@ class X402DownloaderMiddleware:
                     scheme=offer.scheme,
                     network=offer.network,
                     asset=offer.asset,
-                    payer=self.session.account.address,
+                    payer=self.session.payer,
                     payee=offer.pay_to,
                     amount=offer.amount,
                     usd=usd,
@@ -237,6 +237,8 @@ class X402DownloaderMiddleware:
         scheme = self.session.schemes.get(offer.scheme)
         if offer.scheme not in self.config.schemes or scheme is None:
             return "scheme", None
+        if scheme.needs_wallet and self.session.account is None:
+            return "no_wallet", None
         if reason := scheme.refusal(offer):
             return reason, None
         if self.config.networks is not None and offer.network not in self.config.networks:

@@ -12,6 +12,7 @@ from weakref import WeakKeyDictionary
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
 
+from scrapy_x402._botauth import load_identity
 from scrapy_x402._budget import Budgets
 from scrapy_x402._chain import ChainReader
 from scrapy_x402._config import X402Config
@@ -42,13 +43,16 @@ class X402Session:
         if not config.enabled:
             raise NotConfigured("X402_ENABLED is False")
         account = load_account(config)
-        if account is None:
+        identity = load_identity(config)
+        if account is None and identity is None:
             raise NotConfigured(
                 "no wallet key: set X402_PRIVATE_KEY (setting or environment variable) "
-                "or X402_KEYSTORE_PATH"
+                "or X402_KEYSTORE_PATH (or, to pay Cloudflare only, X402_BOT_AUTH_KEY)"
             )
         self.config = config
-        self.account = account
+        self.account = account  # None: only Cloudflare, which bills the operator, is paid
+        # Who pays, in the ledger: the wallet, or the Web Bot Auth identity Cloudflare bills.
+        self.payer = account.address if account else f"web-bot-auth:{identity.keyid}"  # type: ignore[union-attr]
         self.ledger = open_ledger(config.ledger_uri)
         # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
         # what it already spent.
@@ -62,7 +66,7 @@ class X402Session:
         self.chain = ChainReader(config.rpc_urls)
         self.schemes = build_schemes(
             self.chain,
-            account.address,
+            self.payer,
             bot_identity=bool(config.bot_auth_key),
             price_header=config.crawler_price_header,
         )
@@ -70,7 +74,7 @@ class X402Session:
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
             __version__,
-            account.address,
+            self.payer,
             {k: str(v) for k, v in config.budgets.items()},
             config.default_budget,
             config.max_total if config.max_total is not None else "unlimited",

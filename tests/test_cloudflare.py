@@ -26,9 +26,8 @@ def identity() -> BotIdentity:
 
 @pytest.fixture
 def cloudflare_settings(tmp_path, identity, monkeypatch) -> dict[str, Any]:
-    from eth_account import Account
-
-    monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())  # the ledger's payer
+    # No wallet: Cloudflare bills the operator, identified by its Web Bot Auth key.
+    monkeypatch.delenv("X402_PRIVATE_KEY", raising=False)
     monkeypatch.setenv("X402_BOT_AUTH_KEY", identity.private_jwk()["d"])
     return {
         "ADDONS": {"scrapy_x402.Addon": 500},
@@ -148,7 +147,10 @@ async def test_free_paths_are_never_paid(tmp_path, identity, cloudflare_settings
 
 @deferred_f_from_coro_f
 async def test_no_identity_no_payment(tmp_path, identity, cloudflare_settings, monkeypatch):
+    from eth_account import Account
+
     monkeypatch.delenv("X402_BOT_AUTH_KEY")
+    monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())  # a wallet, but no identity
     with edge(tmp_path, identity) as server:
         crawler, items = await crawl(cloudflare_settings, [f"{server.url}/ppc/1"])
     assert items == []
@@ -210,7 +212,7 @@ async def test_statement_and_invoice_settlement(tmp_path, identity, cloudflare_s
         )
     month = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m")
 
-    def x402(*args: str) -> str:
+    def x402(*args: str, **env: str) -> str:
         run = subprocess.run(
             [
                 sys.executable,
@@ -223,7 +225,7 @@ async def test_statement_and_invoice_settlement(tmp_path, identity, cloudflare_s
             ],
             capture_output=True,
             text=True,
-            env=dict(os.environ),
+            env={**os.environ, **env},
             cwd=tmp_path,
             timeout=60,
         )
@@ -240,10 +242,38 @@ async def test_statement_and_invoice_settlement(tmp_path, identity, cloudflare_s
     assert statement["total_usd"] == "0.03" and len(statement["lines"]) == 3
     assert all(line["receipt_timestamp"] for line in statement["lines"])
     # Settlement does not pay Cloudflare on-chain; the invoice settles the month.
-    assert "Nothing is owed on-chain." in x402("settle")
+    from eth_account import Account
+
+    wallet = Account.create().key.hex()  # on-chain settlement needs one; it pays nothing here
+    assert "Nothing is owed on-chain." in x402("settle", X402_PRIVATE_KEY=wallet)
     assert "Marked 3 Cloudflare charges" in x402("settle", "--invoice", "INV-77", "--period", month)
     settled = json.loads(x402("report", "--statement", month, "--json"))
     assert {(line["status"], line["invoice"]) for line in settled["lines"]} == {
         ("settled", "INV-77")
     }
     assert "Marked 0 Cloudflare charges" in x402("settle", "--invoice", "INV-78", "--period", month)
+
+
+@deferred_f_from_coro_f
+async def test_without_a_wallet_only_cloudflare_is_paid(tmp_path, identity, cloudflare_settings):
+    from tests.test_middleware import offer, response402
+
+    settings = {**cloudflare_settings, "X402_SCHEMES": ["deferred", "pay-per-crawl"]}
+    with edge(tmp_path, identity) as server:
+        _, items = await crawl(settings, [f"{server.url}/ppc/1"])
+    assert len(items) == 1
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    [(payer,)] = list(ledger._execute("SELECT payer FROM x402_payments"))
+    ledger.close()
+    assert payer == f"web-bot-auth:{identity.keyid}"
+    # An EVM offer is refused for want of a wallet.
+    from scrapy.utils.misc import build_from_crawler
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_x402 import X402DownloaderMiddleware
+
+    probe = get_crawler(settings_dict={**settings, "ADDONS": {}})
+    mw = build_from_crawler(X402DownloaderMiddleware, probe)
+    evm = response402(offer())
+    assert await mw.process_response(evm.request, evm) is evm
+    assert probe.stats.get_value("x402/offer_refused/no_wallet") == 1

@@ -31,6 +31,7 @@ class Scheme(Protocol):
     # True when anyone holding the signature can collect it until it expires (exact):
     # then a payment that was not confirmed stays counted against the budget until then.
     held_until_expiry: bool
+    needs_wallet: bool  # signs with the EVM wallet (else Cloudflare bills the operator)
 
     def refusal(self, offer: Offer) -> str | None:
         """Why this scheme cannot pay ``offer``, or None when it can."""

@@ -25,6 +25,7 @@ VALIDITY = 60
 class BatchSettlementScheme(X402Scheme):
     name = "batch-settlement"
     held_until_expiry = False  # Cloudflare bills only what it served
+    needs_wallet = False
 
     def __init__(self, identity: bool = False):
         self.identity = identity

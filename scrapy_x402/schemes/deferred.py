@@ -133,6 +133,7 @@ def _bytes32(value: Any) -> str:
 class DeferredScheme(X402Scheme):
     name = "deferred"
     held_until_expiry = False  # a commitment moves nothing by itself: only we settle it
+    needs_wallet = True
 
     def refusal(self, offer: Offer) -> str | None:
         return None if evm_chain_id(offer.network) is not None else "network"

@@ -77,6 +77,7 @@ def _uses_permit2(offer: Offer) -> bool:
 class ExactScheme(X402Scheme):
     name = "exact"
     held_until_expiry = True
+    needs_wallet = True
 
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2

@@ -33,6 +33,7 @@ VALIDITY = 60  # Cloudflare charges when it serves; a price header is good for o
 class PayPerCrawlScheme:
     name = "pay-per-crawl"
     held_until_expiry = False  # only successful responses are billed
+    needs_wallet = False
 
     def __init__(self, header: str = "crawler-max-price", identity: bool = False):
         self.header = header

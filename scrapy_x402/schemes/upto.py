@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 class UptoScheme(X402Scheme):
     name = "upto"
     held_until_expiry = True
+    needs_wallet = True
 
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2
