@@ -10,16 +10,14 @@ import logging
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
 from scrapy_x402._assets import CLOUDFLARE
 from scrapy_x402._protocol import UNKNOWN_AMOUNT, Offer, parse_atomic
 from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import Confirmation, SignedPayment, X402Scheme
-from scrapy_x402.schemes.pay_per_crawl import FREE_PATHS
+from scrapy_x402.schemes._cloudflare import VALIDITY, cloudflare_refusal
 
 logger = logging.getLogger(__name__)
-VALIDITY = 60
 
 
 class BatchSettlementScheme(X402Scheme):
@@ -31,15 +29,11 @@ class BatchSettlementScheme(X402Scheme):
         self.identity = identity
 
     def refusal(self, offer: Offer) -> str | None:
-        if offer.network != CLOUDFLARE:
-            return "network"  # the EVM payment-channel binding is not supported
-        if not self.identity:
-            return "no_bot_identity"
-        if offer.amount == UNKNOWN_AMOUNT:
+        # Only cloudflare:402: the EVM payment-channel binding is not supported.
+        reason = cloudflare_refusal(offer, self.identity)
+        if reason is None and offer.amount == UNKNOWN_AMOUNT:
             return "amount_unknown"
-        if urlsplit(offer.resource or "").path in FREE_PATHS:
-            return "free_path"
-        return None
+        return reason
 
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int

@@ -9,9 +9,7 @@ import logging
 import os
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-from scrapy_x402._assets import CLOUDFLARE
 from scrapy_x402._protocol import (
     Challenge,
     InvalidChallenge,
@@ -21,13 +19,9 @@ from scrapy_x402._protocol import (
 )
 from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import Confirmation, SignedPayment
+from scrapy_x402.schemes._cloudflare import VALIDITY, cloudflare_refusal
 
 logger = logging.getLogger(__name__)
-# Cloudflare never charges for these; a 402 on them is not paid.
-FREE_PATHS = frozenset(
-    {"/robots.txt", "/sitemap.xml", "/security.txt", "/.well-known/security.txt"}
-)
-VALIDITY = 60  # Cloudflare charges when it serves; a price header is good for one request
 
 
 class PayPerCrawlScheme:
@@ -40,13 +34,7 @@ class PayPerCrawlScheme:
         self.identity = identity
 
     def refusal(self, offer: Offer) -> str | None:
-        if offer.network != CLOUDFLARE:
-            return "network"
-        if not self.identity:
-            return "no_bot_identity"  # the price header must be covered by a Web Bot Auth signature
-        if urlsplit(offer.resource or "").path in FREE_PATHS:
-            return "free_path"
-        return None
+        return cloudflare_refusal(offer, self.identity)
 
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
