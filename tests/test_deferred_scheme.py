@@ -99,3 +99,47 @@ def test_documented_test_vector():
         "0x7acc8dfeda6c67fbe5ee47ea5a902f990b3498633d99159e0e24e6ced1e9336e"
         "64bfd6c4e5838651cc9c8f0bdbe72ebe6a23ab9cd18b40482e3a9b7d5f83699a1c"
     )
+
+
+def test_fast_digests_equal_eth_accounts_encoder_on_random_input():
+    import os
+    import random
+
+    from eth_account.messages import encode_typed_data
+
+    from scrapy_x402.schemes._eip712 import recover
+    from scrapy_x402.schemes.exact import authorization_digest, authorization_typed_data
+
+    def eth_account_digest(m) -> bytes:
+        return keccak(b"\x19" + m.version + m.header + m.body)
+
+    rng = random.Random(402)
+    for _ in range(50):
+        account = Account.create()
+        c = Commitment(
+            chain_id=rng.choice([1, 8453, 84532, 31337, 2**40]),
+            payer=account.address,
+            payee=Account.create().address,
+            token=Account.create().address,
+            amount=rng.randrange(1, 2**256),
+            resource="0x" + os.urandom(32).hex(),
+            nonce="0x" + os.urandom(32).hex(),
+            valid_until=rng.randrange(1, 2**64),
+        )
+        assert c.digest() == eth_account_digest(c.signable()) == spec_digest(c)
+        signature = "0x" + account.sign_message(c.signable()).signature.hex().removeprefix("0x")
+        assert c.recover_signer(signature) == account.address
+        assert recover(c.digest(), bytes.fromhex(signature[2:])) == account.address.lower()
+        authorization = {
+            "from": account.address,
+            "to": c.payee,
+            "value": str(c.amount),
+            "validAfter": str(rng.randrange(2**32)),
+            "validBefore": str(rng.randrange(2**40)),
+            "nonce": c.nonce,
+        }
+        name, version = rng.choice([("USD Coin", "2"), ("Test USD", "1"), ("é", "")])
+        typed = authorization_typed_data(authorization, c.chain_id, c.token, name, version)
+        assert authorization_digest(authorization, c.chain_id, c.token, name, version) == (
+            eth_account_digest(encode_typed_data(full_message=typed))
+        )

@@ -10,9 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
-from eth_utils import is_hex_address, keccak, to_checksum_address
+from eth_utils import is_hex_address, to_checksum_address
 
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
@@ -24,6 +23,16 @@ from scrapy_x402.schemes._base import (
     hex0x,
     random_nonce,
     validity,
+)
+from scrapy_x402.schemes._eip712 import (
+    address_word,
+    bytes32,
+    digest,
+    domain_separator,
+    keccak,
+    recover,
+    signer_for,
+    word,
 )
 
 DOMAIN_NAME = "x402 deferred"
@@ -37,6 +46,10 @@ COMMITMENT_TYPE = [
     {"name": "nonce", "type": "bytes32"},
     {"name": "validUntil", "type": "uint256"},
 ]
+COMMITMENT_TYPEHASH = keccak(
+    b"Commitment(address payer,address payee,address token,uint256 amount,bytes32 resource,"
+    b"bytes32 nonce,uint256 validUntil)"
+)
 EIP712_DOMAIN_TYPE = [
     {"name": "name", "type": "string"},
     {"name": "version", "type": "string"},
@@ -80,13 +93,27 @@ class Commitment:
         }
 
     def signable(self) -> SignableMessage:
+        """eth-account's encoding of the same typed data (the reference; not on the hot path)."""
         return encode_typed_data(full_message=self.typed_data())
+
+    def digest(self) -> bytes:
+        """The EIP-712 digest: what is signed."""
+        struct_hash = keccak(
+            COMMITMENT_TYPEHASH
+            + address_word(self.payer)
+            + address_word(self.payee)
+            + address_word(self.token)
+            + word(self.amount)
+            + bytes32(self.resource)
+            + bytes32(self.nonce)
+            + word(self.valid_until)
+        )
+        return digest(domain_separator(DOMAIN_NAME, DOMAIN_VERSION, self.chain_id), struct_hash)
 
     @property
     def id(self) -> str:
-        """The EIP-712 digest: what is signed, and the commitment's id everywhere."""
-        m = self.signable()
-        return "0x" + keccak(b"\x19" + m.version + m.header + m.body).hex()
+        """The EIP-712 digest, in hex: the commitment's id everywhere."""
+        return hex0x(self.digest())
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -118,8 +145,10 @@ class Commitment:
 
     def recover_signer(self, signature: str) -> str:
         try:
-            return Account.recover_message(self.signable(), signature=signature)
-        except Exception:  # eth-keys raises several types for bad signatures
+            return to_checksum_address(
+                recover(self.digest(), bytes.fromhex(signature.removeprefix("0x")))
+            )
+        except Exception:  # malformed hex, length, v or point: all "cannot be recovered"
             raise InvalidCommitment("signature cannot be recovered") from None
 
 
@@ -165,9 +194,10 @@ class DeferredScheme(X402Scheme):
             nonce=random_nonce(),
             valid_until=validity(offer, now, max_timeout),
         )
-        signed = account.sign_message(commitment.signable())
-        payload = {"signature": hex0x(signed.signature), "commitment": commitment.to_json()}
-        return SignedPayment(hex0x(signed.message_hash), payload, commitment.valid_until)
+        message_digest = commitment.digest()
+        signature = signer_for(bytes(account.key)).sign(message_digest)
+        payload = {"signature": hex0x(signature), "commitment": commitment.to_json()}
+        return SignedPayment(hex0x(message_digest), payload, commitment.valid_until)
 
 
 def settlement_reference(commitment_ids: list[str]) -> bytes:

@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from eth_account.messages import encode_typed_data
-
 from scrapy_x402._chain import authorization_used
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
@@ -22,6 +20,15 @@ from scrapy_x402.schemes._base import (
     random_nonce,
     settled_transaction,
     validity,
+)
+from scrapy_x402.schemes._eip712 import (
+    address_word,
+    bytes32,
+    digest,
+    domain_separator,
+    keccak,
+    signer_for,
+    word,
 )
 from scrapy_x402.schemes._permit2 import (
     EXACT_PROXY,
@@ -68,6 +75,28 @@ def authorization_typed_data(
         },
         "message": message,
     }
+
+
+TRANSFER_WITH_AUTHORIZATION_TYPEHASH = keccak(
+    b"TransferWithAuthorization(address from,address to,uint256 value,uint256 validAfter,"
+    b"uint256 validBefore,bytes32 nonce)"
+)
+
+
+def authorization_digest(
+    authorization: Mapping[str, Any], chain_id: int, token: str, name: str, version: str
+) -> bytes:
+    """The EIP-712 digest of ``authorization_typed_data``, computed directly (hot path)."""
+    struct_hash = keccak(
+        TRANSFER_WITH_AUTHORIZATION_TYPEHASH
+        + address_word(authorization["from"])
+        + address_word(authorization["to"])
+        + word(int(authorization["value"]))
+        + word(int(authorization["validAfter"]))
+        + word(int(authorization["validBefore"]))
+        + bytes32(authorization["nonce"])
+    )
+    return digest(domain_separator(name, version, chain_id, token), struct_hash)
 
 
 def _uses_permit2(offer: Offer) -> bool:
@@ -125,12 +154,12 @@ class ExactScheme(X402Scheme):
             "validBefore": str(validity(offer, now, max_timeout)),
             "nonce": random_nonce(),
         }
-        typed = authorization_typed_data(
+        message_digest = authorization_digest(
             authorization, chain_id, offer.asset, offer.extra["name"], offer.extra["version"]
         )
-        signed = account.sign_message(encode_typed_data(full_message=typed))
-        payload = {"signature": hex0x(signed.signature), "authorization": authorization}
-        return SignedPayment(hex0x(signed.message_hash), payload, int(authorization["validBefore"]))
+        signature = signer_for(bytes(account.key)).sign(message_digest)
+        payload = {"signature": hex0x(signature), "authorization": authorization}
+        return SignedPayment(hex0x(message_digest), payload, int(authorization["validBefore"]))
 
     def confirmation(
         self, receipt: Mapping[str, Any] | None, payment_id: str, signed_amount: int
