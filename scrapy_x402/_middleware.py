@@ -65,6 +65,12 @@ class X402DownloaderMiddleware:
             return response
         return self._pay(request, response)
 
+    async def process_request(self, request: Request) -> None:
+        if "_x402_payment" in request.meta and not request.meta.get("_x402_durable"):
+            # The payment is committed before the request leaves: a crash never loses one.
+            await self.session.durable()
+            request.meta["_x402_durable"] = True
+
     async def process_exception(self, request: Request, exception: Exception) -> None:
         # Reached only once RetryMiddleware gave up: the page was never served.
         if "_x402_payment" in request.meta:
@@ -129,7 +135,8 @@ class X402DownloaderMiddleware:
             payment_headers = scheme.headers(
                 challenge, offer, signed, _echo_extensions(challenge, signed.id)
             )
-            # Recorded before the paid request leaves: a crash can never lose a signature.
+            # Recorded now, and committed (with the others of this reactor turn) by
+            # process_request before the paid request leaves.
             self.session.ledger.add(
                 PaymentRecord(
                     id=signed.id,
@@ -146,8 +153,10 @@ class X402DownloaderMiddleware:
                     url=request.url,
                     payload=signed.payload,
                     valid_until=signed.valid_until,
-                )
+                ),
+                commit=False,
             )
+            self.session.commit_soon()
         except Exception:
             budgets.release(key, usd)
             self._inc("x402/payment_error")

@@ -11,6 +11,9 @@ from weakref import WeakKeyDictionary
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from scrapy_x402._botauth import load_identity
 from scrapy_x402._budget import Budgets
@@ -70,6 +73,8 @@ class X402Session:
             bot_identity=bool(config.bot_auth_key),
             price_header=config.crawler_price_header,
         )
+        self._waiters: list[Deferred[None]] = []
+        self._commit_scheduled = False
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
@@ -83,6 +88,37 @@ class X402Session:
         )
         if config.allow_mainnet:
             logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")
+
+    def commit_soon(self) -> None:
+        """Commit the payments recorded in this reactor turn at its end: one commit (one
+        fsync) for all of them, and the ledger's write lock is never held longer."""
+        if not self._commit_scheduled:
+            from twisted.internet import reactor  # noqa: PLC0415 (importing it installs one)
+
+            reactor.callLater(0, self._commit)  # type: ignore[attr-defined,arg-type]
+            self._commit_scheduled = True
+
+    async def durable(self) -> None:
+        """Wait until every payment recorded so far is committed."""
+        if not self.ledger.pending:
+            return
+        waiter: Deferred[None] = Deferred()
+        self._waiters.append(waiter)
+        self.commit_soon()
+        await maybe_deferred_to_future(waiter)
+
+    def _commit(self) -> None:
+        self._commit_scheduled = False
+        waiters, self._waiters = self._waiters, []
+        try:
+            self.ledger.commit()
+        except Exception:
+            failure = Failure()
+            for waiter in waiters:
+                waiter.errback(failure)
+            return
+        for waiter in waiters:
+            waiter.callback(None)
 
     def release_expired_holds(self) -> int:
         """Free the budget held by signed transfers that expired uncollected.

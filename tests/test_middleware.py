@@ -86,7 +86,9 @@ async def test_pays_the_cheapest_acceptable_offer_and_records_it_first(settings)
     assert sent["accepted"] == candidates[3]  # echoed verbatim
     assert sent["resource"] == {"url": URL}
     assert sent["payload"]["commitment"]["amount"] == "20000"
-    # The ledger holds it, reserved, before the request is even returned.
+    # The ledger holds it, reserved and committed, before the request can leave.
+    await mw.process_request(paid)
+    assert paid.meta["_x402_durable"]
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     assert ledger.get_status(paid.meta["_x402_payment"]) == Status.RESERVED
     assert ledger.spent_by_budget(mw.session.run_id) == {"news.example": Decimal("0.02")}

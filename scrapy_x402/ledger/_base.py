@@ -165,7 +165,21 @@ class Ledger(ABC):
         """Group statements atomically (and durably on exit)."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Commit what is pending and close."""
+
+    @abstractmethod
+    def _begin_batch(self) -> None:
+        """Open (or keep open) the transaction that batched adds go into."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> bool:
+        """Whether batched adds wait for ``commit()``."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make batched adds durable, all at once."""
 
     def _create_schema(self) -> None:
         with self._transaction():
@@ -174,33 +188,41 @@ class Ledger(ABC):
 
     # -- payments ------------------------------------------------------------------
 
-    def add(self, p: PaymentRecord) -> None:
+    def add(self, p: PaymentRecord, *, commit: bool = True) -> None:
+        """Record a reserved payment: durably now, or (``commit=False``) at the next commit."""
         now = int(time.time())
-        with self._transaction():
-            self._execute(
-                "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
-                "network, asset, payer, payee, amount, usd, domain, budget_key, url, valid_until, "
-                "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    p.id,
-                    p.run_id,
-                    now,
-                    now,
-                    Status.RESERVED,
-                    p.scheme,
-                    p.network,
-                    p.asset,
-                    p.payer,
-                    p.payee,
-                    str(p.amount),
-                    str(p.usd),
-                    p.domain,
-                    p.budget_key,
-                    p.url,
-                    p.valid_until,
-                    json.dumps(p.payload, sort_keys=True),
-                ),
-            )
+        if commit:
+            with self._transaction():
+                self._insert(p, now)
+        else:
+            self._begin_batch()
+            self._insert(p, now)
+
+    def _insert(self, p: PaymentRecord, now: int) -> None:
+        self._execute(
+            "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
+            "network, asset, payer, payee, amount, usd, domain, budget_key, url, valid_until, "
+            "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                p.id,
+                p.run_id,
+                now,
+                now,
+                Status.RESERVED,
+                p.scheme,
+                p.network,
+                p.asset,
+                p.payer,
+                p.payee,
+                str(p.amount),
+                str(p.usd),
+                p.domain,
+                p.budget_key,
+                p.url,
+                p.valid_until,
+                json.dumps(p.payload, sort_keys=True),
+            ),
+        )
 
     def resolve(
         self,
