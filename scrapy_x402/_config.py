@@ -60,6 +60,7 @@ class X402Config:
     max_total: Decimal | None = None
     networks: frozenset[str] | None = None
     offer_policy: str = "cheapest"
+    preauthorize: bool = True
     priority_adjust: int = 1
     private_key: str | None = field(default=None, repr=False)
     rpc_urls: Mapping[str, str] = field(default_factory=dict)
@@ -111,6 +112,7 @@ class X402Config:
             max_timeout_seconds=settings.getint("X402_MAX_TIMEOUT_SECONDS", 300),
             max_total=None if max_total in (None, "") else parse_usd(max_total, "X402_MAX_TOTAL"),
             networks=frozenset(_network(n) for n in networks) if networks else None,
+            preauthorize=settings.getbool("X402_PREAUTHORIZE", True),
             priority_adjust=settings.getint("X402_PRIORITY_ADJUST", 1),
             private_key=settings.get("X402_PRIVATE_KEY") or None,
             rpc_urls={_network(n): url for n, url in settings.getdict("X402_RPC_URLS").items()},

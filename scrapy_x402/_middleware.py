@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,7 @@ class X402DownloaderMiddleware:
         self._closing: Any = None
         self._stopped_networks: set[str] = set()  # the wallet ran out of funds there
         self._forbidden_domains: set[str] = set()  # CrawlerForbidden
+        self._terms: dict[tuple[str, str], _Terms] = {}  # for pre-authorised payments
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> X402DownloaderMiddleware:
@@ -66,6 +68,13 @@ class X402DownloaderMiddleware:
         return self._pay(request, response)
 
     async def process_request(self, request: Request) -> None:
+        if (
+            self._terms
+            and "_x402_payment" not in request.meta
+            and not request.meta.get("_x402_attempts")
+            and not request.meta.get("x402_dont_pay")
+        ):
+            self._preauthorize(request)
         if "_x402_payment" in request.meta and not request.meta.get("_x402_durable"):
             # The payment is committed before the request leaves: a crash never loses one.
             await self.session.durable()
@@ -98,12 +107,8 @@ class X402DownloaderMiddleware:
         if attempts >= self.config.max_payment_attempts:
             self._inc("x402/max_attempts_reached")
             return response
-        try:
-            max_price = parse_usd(
-                request.meta.get("x402_max_price", self.config.max_price), "meta['x402_max_price']"
-            )
-        except ValueError as e:
-            logger.error("x402: %s (%s); not paying", e, request)
+        max_price = self._max_price(request)
+        if max_price is None:
             return response
         choice = self._choose(challenge, max_price, domain)
         if choice is None:
@@ -115,20 +120,63 @@ class X402DownloaderMiddleware:
                 return retry
             return response
         offer, asset, usd = choice
+        paid = request.replace(
+            dont_filter=True, priority=request.priority + self.config.priority_adjust
+        )
+        if not self._attach_payment(
+            paid, domain, challenge, offer, asset, usd, offer.resource or request.url
+        ):
+            return response
+        paid.meta["_x402_attempts"] = attempts + 1
+        if self.config.preauthorize and not self.session.schemes[offer.scheme].held_until_expiry:
+            self._terms[_terms_key(request)] = _Terms(
+                challenge, offer, asset, time.time() + self._validity(offer)
+            )
+        return paid
+
+    def _max_price(self, request: Request) -> Decimal | None:
+        try:
+            return parse_usd(
+                request.meta.get("x402_max_price", self.config.max_price), "meta['x402_max_price']"
+            )
+        except ValueError as e:
+            logger.error("x402: %s (%s); not paying", e, request)
+            return None
+
+    def _validity(self, offer: Offer) -> int:
+        return min(
+            offer.max_timeout_seconds or self.config.max_timeout_seconds,
+            self.config.max_timeout_seconds,
+        )
+
+    def _attach_payment(
+        self,
+        request: Request,
+        domain: str,
+        challenge: Challenge,
+        offer: Offer,
+        asset: Asset,
+        usd: Decimal,
+        resource_url: str,
+        quiet: bool = False,
+    ) -> bool:
+        """Reserve, sign and record a payment for ``offer``, and put it on ``request``;
+        False (nothing reserved, nothing signed) when the budget or the signer says no."""
         budgets = self.session.budgets
         key = budgets.key_for(domain)
         refused = budgets.reserve(key, usd)
         if refused is not None and self.session.release_expired_holds():
             refused = budgets.reserve(key, usd)
         if refused is not None:
-            self._budget_exceeded(domain, refused)
-            return response
+            if not quiet:  # a pre-authorisation that does not fit is left to the 402 cycle
+                self._budget_exceeded(domain, refused)
+            return False
         try:
             scheme = self.session.schemes[offer.scheme]
             signed = scheme.sign(
                 self.session.account,
                 offer,
-                offer.resource or request.url,
+                resource_url,
                 int(time.time()),
                 self.config.max_timeout_seconds,
             )
@@ -161,7 +209,7 @@ class X402DownloaderMiddleware:
             budgets.release(key, usd)
             self._inc("x402/payment_error")
             logger.exception("x402: could not sign or record a payment for %s; not paying", request)
-            return response
+            return False
         self._inc("x402/payment_signed")
         log = logger.info if self.config.debug else logger.debug
         log(
@@ -172,22 +220,16 @@ class X402DownloaderMiddleware:
             offer.network,
             request.url,
         )
-        paid = request.replace(
-            dont_filter=True, priority=request.priority + self.config.priority_adjust
-        )
         for name, value in payment_headers.items():
-            paid.headers[name] = value
+            request.headers[name] = value
         if offer.scheme == "pay-per-crawl":
             # Cloudflare: only InternalError may be retried; this middleware does it.
-            paid.meta["dont_retry"] = True
+            request.meta["dont_retry"] = True
         # dont_redirect: a payment is for this URL; it never follows a redirect elsewhere.
-        paid.meta.update(
-            _x402_payment=signed.id,
-            _x402_attempts=attempts + 1,
-            _x402_reserved=(key, str(usd)),
-            dont_redirect=True,
+        request.meta.update(
+            _x402_payment=signed.id, _x402_reserved=(key, str(usd)), dont_redirect=True
         )
-        paid.meta["x402_payment"] = {
+        request.meta["x402_payment"] = {
             "id": signed.id,
             "status": Status.RESERVED,
             "scheme": offer.scheme,
@@ -197,7 +239,30 @@ class X402DownloaderMiddleware:
             "amount": str(offer.amount),
             "usd": str(usd),
         }
-        return paid
+        return True
+
+    def _preauthorize(self, request: Request) -> None:
+        """Known, still valid terms for this host and path pattern: pay on the first request,
+        as x402 v2 and Cloudflare allow, instead of waiting for a 402."""
+        terms = self._terms.get(_terms_key(request))
+        if terms is None:
+            return
+        if time.time() >= terms.expires:
+            del self._terms[_terms_key(request)]
+            return
+        max_price = self._max_price(request)
+        if max_price is None or terms.asset.to_usd(terms.offer.amount) > max_price:
+            return
+        domain = urlparse_cached(request).hostname or ""
+        if self._refusal(terms.offer, domain)[0] is not None:
+            return
+        challenge = replace(terms.challenge, resource={"url": request.url})
+        usd = terms.asset.to_usd(terms.offer.amount)
+        if self._attach_payment(
+            request, domain, challenge, terms.offer, terms.asset, usd, request.url, quiet=True
+        ):
+            request.meta["_x402_preauthorized"] = True
+            self._inc("x402/preauthorized")
 
     def _choose(
         self, challenge: Challenge, max_price: Decimal, domain: str
@@ -366,6 +431,11 @@ class X402DownloaderMiddleware:
                 domain,
                 reason,
             )
+        self._terms.pop(_terms_key(request), None)  # terms that were refused are stale
+        if request.meta.pop("_x402_preauthorized", False):
+            # A pre-authorised payment refused (new price, new payee...): pay the 402 as usual.
+            self._inc("x402/preauthorized_refused")
+            return self._pay(request, response)
         if request.meta.get("_x402_attempts", 0) < self.config.max_payment_attempts:
             return self._pay(request, response)
         return response
@@ -447,6 +517,20 @@ def _echo_extensions(challenge: Challenge, payment_id: str) -> dict[str, Any]:
     info = declared.get("info")
     info = info if isinstance(info, dict) else {}
     return {"payment-identifier": {**declared, "info": {**info, "id": payment_id[2:]}}}
+
+
+@dataclass(frozen=True)
+class _Terms:
+    challenge: Challenge
+    offer: Offer
+    asset: Asset
+    expires: float  # unix time
+
+
+def _terms_key(request: Request) -> tuple[str, str]:
+    """Host and priced path pattern: terms seen for /news/1 apply to /news/2."""
+    parsed = urlparse_cached(request)
+    return (parsed.hostname or "", parsed.path.rsplit("/", 1)[0] + "/*")
 
 
 def _internal_error(response: Response) -> bool:

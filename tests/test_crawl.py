@@ -128,14 +128,14 @@ async def test_v1_body_offers_are_paid_with_x_payment(tmp_path, x402_settings, t
 @deferred_f_from_coro_f
 async def test_refused_payment_is_released_and_not_retried(tmp_path, x402_settings, token, payees):
     config = sections(
-        token, payees, closed={"payee": payees[2], "price": 5_000, "refuse": "insufficient_funds"}
+        token, payees, closed={"payee": payees[2], "price": 5_000, "refuse": "price_not_acceptable"}
     )
     with MockServer(config, tmp_path) as server:
         crawler, items = await crawl(x402_settings, [f"{server.url}/closed/{i}" for i in range(3)])
     stats = crawler.stats.get_stats()
     assert items == []
     assert stats["x402/payment_signed"] == 3  # one signature per page, no loop
-    assert stats["x402/payment_rejected/insufficient_funds"] == 3
+    assert stats["x402/payment_rejected/price_not_acceptable"] == 3
     assert stats["downloader/response_status_count/402"] == 6
     assert "x402/settlement/confirmed" not in stats
     rows = ledger_rows(x402_settings)
@@ -236,3 +236,58 @@ async def test_a_retried_paid_request_resends_the_same_payment(
     assert stats["x402/payment_signed"] == 3  # and was retried with the same signature
     assert len(accepted) == 6 and len({a["id"] for a in accepted}) == 3
     assert token.balance_of(payees[2]) == 15_000  # each page paid once
+
+
+@deferred_f_from_coro_f
+async def test_known_terms_are_paid_on_the_first_request(tmp_path, x402_settings, token, payees):
+    settings = {**x402_settings, "CONCURRENT_REQUESTS": 1}
+    with MockServer(sections(token, payees), tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(6)])
+        accepted = server.accepted()
+    stats = crawler.stats.get_stats()
+    assert len(items) == 6 == len(accepted)
+    assert stats["downloader/response_status_count/402"] == 1  # only the first page
+    assert stats["x402/preauthorized"] == 5
+    assert stats["x402/payment_signed"] == 6
+    assert token.balance_of(payees[0]) == 6 * 10_000
+    assert {r[1] for r in ledger_rows(settings)} == {Status.SETTLED}
+
+
+@deferred_f_from_coro_f
+async def test_stale_terms_fall_back_to_the_402_cycle(tmp_path, x402_settings, token, payees):
+    # The price doubles after two pages: the third page's pre-authorised payment is refused
+    # (underpaid), the stale terms are forgotten and the page is paid at the new price.
+    config = sections(
+        token,
+        payees,
+        news={"payee": payees[0], "price": 10_000, "price_after": {"count": 2, "price": 20_000}},
+    )
+    settings = {**x402_settings, "CONCURRENT_REQUESTS": 1}
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(5)])
+        accepted = server.accepted()
+    stats = crawler.stats.get_stats()
+    assert len(items) == 5 == len(accepted)
+    assert stats["x402/preauthorized_refused"] == 1
+    assert stats["x402/payment_rejected/underpaid"] == 1
+    rows = ledger_rows(settings)
+    paid = [int(r[3]) for r in rows if r[1] == Status.SETTLED]
+    assert sorted(paid) == [10_000, 10_000, 20_000, 20_000, 20_000]  # one payment per page
+    assert [r[1] for r in rows].count(Status.REJECTED) == 1  # the stale one, never paid
+    assert stats["x402/spent_usd/127.0.0.1"] == "0.080000"
+    assert token.balance_of(payees[0]) == 80_000
+
+
+@deferred_f_from_coro_f
+async def test_preauthorization_can_be_turned_off(tmp_path, x402_settings, token, payees):
+    settings = {
+        **x402_settings,
+        "CONCURRENT_REQUESTS": 1,
+        "X402_PREAUTHORIZE": False,
+        "X402_SETTLE_ON_CLOSE": False,
+    }
+    with MockServer(sections(token, payees), tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/news/{i}" for i in range(3)])
+    assert len(items) == 3
+    assert crawler.stats.get_value("downloader/response_status_count/402") == 3
+    assert crawler.stats.get_value("x402/preauthorized") is None

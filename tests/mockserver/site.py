@@ -105,6 +105,27 @@ def build_site(config: dict[str, Any]) -> Site:
 
         return on_accept
 
+    accepted: dict[str, int] = {}
+
+    def price_of(name: str, section: dict[str, Any]):
+        """The section's price; with "price_after": {"count", "price"} it changes once that
+        many commitments were accepted."""
+        change = section.get("price_after")
+
+        def price(request: Request) -> int:
+            if change and accepted.get(name, 0) >= change["count"]:
+                return int(change["price"])
+            return int(section["price"])
+
+        return price
+
+    def counting(name: str, inner):
+        def on_accept(commitment: Commitment, request: Request) -> None:
+            accepted[name] = accepted.get(name, 0) + 1
+            inner(commitment, request)
+
+        return on_accept
+
     for name, section in config["sections"].items():
         args = (config["network"], section.get("asset", config["asset"]), section["payee"])
         verifier = (
@@ -117,9 +138,9 @@ def build_site(config: dict[str, Any]) -> Site:
             PaywallResource(
                 Page(fail_first=section.get("fail_first", False)),
                 verifier,
-                int(section["price"]),
+                price_of(name, section),
                 x402_version=section.get("version", 2),
-                on_accept=record(name),
+                on_accept=counting(name, record(name)),
             ),
         )
     root.putChild(b"bad", BadTerms())
