@@ -71,6 +71,10 @@ def build_app(args: argparse.Namespace, facilitator_key: str) -> Flask:
             set_settlement_overrides(response, {"amount": str(args.charge)})
         return response
 
+    @app.get("/free/<n>")
+    def free(n: str) -> str:  # the same page, unpaid: the benchmarks' baseline
+        return article(n).get_data(as_text=True)
+
     payment_middleware(app, routes, server)
     return app
 

@@ -62,7 +62,10 @@ class X402DownloaderMiddleware:
                 retry = await self._retry_internal_error(request)
                 if retry is not None:
                     return retry
-            return self._paid_response(request, response)
+            result = self._paid_response(request, response)
+            # What became of the payment is committed before the spider sees the page.
+            await self.session.durable()
+            return result
         if response.status != 402 or request.meta.get("x402_dont_pay"):
             return response
         return self._pay(request, response)
@@ -459,8 +462,10 @@ class X402DownloaderMiddleware:
             transaction=confirmation.transaction,
             amount=amount,
             usd=usd if amount is not None else None,
+            commit=False,
         ):
             return
+        self.session.commit_soon()
         if usd < Decimal(reserved):
             self.session.budgets.release(key, Decimal(reserved) - usd)
         self._inc("x402/payment_count")
@@ -484,8 +489,12 @@ class X402DownloaderMiddleware:
         key, usd = request.meta.pop("_x402_reserved")
         held = self.session.schemes[payment["scheme"]].held_until_expiry
         status = Status.HELD if held else Status.REJECTED if refused else Status.FAILED
-        if self.session.ledger.resolve(payment_id, status, reason=reason[:200]) and not held:
+        if (
+            self.session.ledger.resolve(payment_id, status, reason=reason[:200], commit=False)
+            and not held
+        ):
             self.session.budgets.release(key, Decimal(usd))
+        self.session.commit_soon()
         self._inc(f"x402/payment_{'rejected' if refused else 'failed'}/{reason[:64]}")
         if held:
             self._inc("x402/payment_held")

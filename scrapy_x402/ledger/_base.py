@@ -198,6 +198,11 @@ class Ledger(ABC):
             self._begin_batch()
             self._insert(p, now)
 
+    @contextmanager
+    def _batched(self) -> Iterator[None]:
+        self._begin_batch()
+        yield
+
     def _insert(self, p: PaymentRecord, now: int) -> None:
         self._execute(
             "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
@@ -235,14 +240,16 @@ class Ledger(ABC):
         amount: int | None = None,
         usd: Decimal | None = None,
         current: str = Status.RESERVED,
+        commit: bool = True,
     ) -> bool:
         """Move a payment on from ``current``; False if it was not in that status.
 
         ``transaction`` is the hash of the transaction that paid it, when it was paid
         immediately (exact) rather than by a settlement of ours; ``amount`` and ``usd`` what
-        was charged, when less than signed (upto).
+        was charged, when less than signed (upto). ``commit=False`` leaves it to the next
+        ``commit()``, like a batched ``add``.
         """
-        with self._transaction():
+        with self._transaction() if commit else self._batched():
             cursor = self._execute(
                 "UPDATE x402_payments SET status = ?, receipt = COALESCE(?, receipt), "
                 "reason = ?, settlement_id = COALESCE(?, settlement_id), "

@@ -1,0 +1,92 @@
+"""Throughput: the same local site of PAGES pages crawled unpaid and paid at
+CONCURRENT_REQUESTS = 32, pages/s each and the ratio paid/unpaid:
+deferred (with pre-authorisation, and without for comparison) on the package's paywall, and
+exact on a server built from the reference x402 SDK whose facilitator settles every payment
+on anvil. Paid crawls include settlement at close.
+
+    python bench/throughput.py [PAGES]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from eth_account import Account
+
+from bench._common import ROOT, machine, result, server
+from scrapy_x402.devchain import Anvil, TestUSD
+
+PAGES = int(sys.argv[1]) if len(sys.argv) > 1 else 2_000
+PAYEES = 4
+
+
+def crawl(tmp: Path, name: str, urls: list[str], settings: dict, env: dict[str, str]) -> float:
+    urls_file = tmp / f"{name}.txt"
+    urls_file.write_text("\n".join(urls))
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.crawl", str(urls_file), json.dumps(settings)],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=True,
+    ).stdout.strip().splitlines()[-1]
+    run = json.loads(out)
+    assert run["items"] == len(urls), (name, run)
+    rate = run["items"] / run["seconds"]
+    print(f"{name:<28} {run['items']} pages in {run['seconds']:6.2f} s = {rate:7.1f} pages/s"
+          f"  (paid {run['paid']}, pre-authorised {run['preauthorized']}, settled {run['settled']})")
+    return rate
+
+
+def main() -> None:
+    print(f"# throughput, {PAGES} pages, CONCURRENT_REQUESTS=32, {machine()}")
+    with Anvil() as chain, tempfile.TemporaryDirectory(dir=ROOT) as tmp_name:
+        tmp = Path(tmp_name)
+        network = f"eip155:{chain.chain_id}"
+        token = TestUSD.deploy(chain, chain.new_account())
+        payer = chain.new_account()
+        token.mint(payer.address, 10**12)
+        payees = [Account.create().address for _ in range(PAYEES)]
+        env = {"X402_PRIVATE_KEY": payer.key.hex()}
+
+        def settings(name: str, **extra) -> dict:
+            return {
+                "ADDONS": {"scrapy_x402.Addon": 500},
+                "X402_ASSETS": token.asset_setting(),
+                "X402_RPC_URLS": {network: chain.url},
+                "X402_BUDGETS": {"127.0.0.1": "1000000"},
+                "X402_LEDGER_URI": str(tmp / f"{name}.sqlite3"),
+                **extra,
+            }
+
+        site_args = ["bench/site.py", "--network", network, "--token", token.address,
+                     "--payees", ",".join(payees)]
+        with server(site_args) as site:
+            free = [f"{site}/free/{i}" for i in range(PAGES)]
+            paid = [f"{site}/paid/{i % PAYEES}/{i}" for i in range(PAGES)]
+            unpaid_rate = crawl(tmp, "unpaid", free, {}, env)
+            deferred_rate = crawl(tmp, "deferred, pre-authorised", paid, settings("deferred"), env)
+            no_preauth_rate = crawl(tmp, "deferred, 402 every page", paid,
+                                    settings("deferred402", X402_PREAUTHORIZE=False), env)
+
+        exact_args = ["example_project/exact_site.py", "--rpc-url", chain.url, "--network", network,
+                      "--token", token.address, "--payee", payees[0], "--price", "1000"]
+        with server(exact_args, {"FACILITATOR_KEY": chain.new_account().key.hex()}) as sdk:
+            exact_free = [f"{sdk}/free/{i}" for i in range(PAGES)]
+            exact_paid = [f"{sdk}/articles/{i}" for i in range(PAGES)]
+            exact_unpaid_rate = crawl(tmp, "SDK site, unpaid", exact_free, {}, env)
+            exact_rate = crawl(tmp, "SDK site, exact", exact_paid, settings("exact"), env)
+
+    result("throughput_unpaid_pages_per_s", unpaid_rate)
+    result("throughput_deferred_pages_per_s", deferred_rate)
+    result("throughput_ratio_deferred", deferred_rate / unpaid_rate)
+    result("throughput_ratio_deferred_without_preauth", no_preauth_rate / unpaid_rate)
+    result("throughput_sdk_unpaid_pages_per_s", exact_unpaid_rate)
+    result("throughput_exact_pages_per_s", exact_rate)
+    result("throughput_ratio_exact", exact_rate / exact_unpaid_rate)
+
+
+if __name__ == "__main__":
+    main()
