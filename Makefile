@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test lint contracts clean
+.PHONY: setup demo test bench lint contracts clean
 
 setup: .setup-python .setup-node
 
@@ -23,6 +23,13 @@ demo: setup
 
 test: setup
 	$(BIN)/pytest
+
+# Benchmarks (not tests): each prints its figures and ends with `RESULT <name> <value>` lines.
+bench: setup
+	$(BIN)/python -m bench.signing
+	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.settlement
+	$(BIN)/python -m bench.throughput
 
 lint: setup
 	$(BIN)/ruff check .

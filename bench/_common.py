@@ -6,9 +6,9 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,8 +28,12 @@ def machine() -> str:
 def server(args: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
     """A server script that prints its URL on its first line, stopped on exit."""
     process = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env={**os.environ, **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert process.stdout is not None

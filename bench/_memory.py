@@ -12,29 +12,44 @@ from scrapy.utils.reactor import install_reactor
 
 install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
 
-from eth_account import Account  # noqa: E402
-from scrapy import Request  # noqa: E402
-from scrapy.http import Response  # noqa: E402
-from scrapy.utils.defer import deferred_from_coro  # noqa: E402
-from scrapy.utils.misc import build_from_crawler  # noqa: E402
-from scrapy.utils.test import get_crawler  # noqa: E402
-from twisted.internet import reactor  # noqa: E402
+from eth_account import Account
+from scrapy import Request
+from scrapy.http import Response
+from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.misc import build_from_crawler
+from scrapy.utils.test import get_crawler
+from twisted.internet import reactor
 
-from scrapy_x402 import X402DownloaderMiddleware  # noqa: E402
-from scrapy_x402._protocol import b64json_encode  # noqa: E402
+from scrapy_x402 import X402DownloaderMiddleware
+from scrapy_x402._protocol import b64json_encode
 
-TERMS = b64json_encode({"x402Version": 2, "accepts": [{
-    "scheme": "deferred", "network": "eip155:84532", "amount": "1",
-    "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "payTo": "0x" + "22" * 20,
-    "maxTimeoutSeconds": 60}]})
+TERMS = b64json_encode(
+    {
+        "x402Version": 2,
+        "accepts": [
+            {
+                "scheme": "deferred",
+                "network": "eip155:84532",
+                "amount": "1",
+                "asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e",
+                "payTo": "0x" + "22" * 20,
+                "maxTimeoutSeconds": 60,
+            }
+        ],
+    }
+)
 
 
 async def run(pages: int, ledger_path: str) -> None:
     os.environ["X402_PRIVATE_KEY"] = Account.create().key.hex()
-    crawler = get_crawler(settings_dict={
-        "X402_LEDGER_URI": ledger_path, "X402_BUDGETS": {"news.example": "1000000"},
-        "X402_PREAUTHORIZE": False, "LOG_LEVEL": "WARNING",
-    })
+    crawler = get_crawler(
+        settings_dict={
+            "X402_LEDGER_URI": ledger_path,
+            "X402_BUDGETS": {"news.example": "1000000"},
+            "X402_PREAUTHORIZE": False,
+            "LOG_LEVEL": "WARNING",
+        }
+    )
     mw = build_from_crawler(X402DownloaderMiddleware, crawler)
     for i in range(pages):
         url = f"https://news.example/a/{i}"
@@ -43,9 +58,12 @@ async def run(pages: int, ledger_path: str) -> None:
             request, Response(url, status=402, headers={"PAYMENT-REQUIRED": TERMS}, request=request)
         )
         await mw.process_request(paid)
-        receipt = b64json_encode({"success": True, "extra": {"commitmentId": paid.meta["_x402_payment"]}})
-        await mw.process_response(paid, Response(url, status=200, request=paid,
-                                                 headers={"PAYMENT-RESPONSE": receipt}))
+        receipt = b64json_encode(
+            {"success": True, "extra": {"commitmentId": paid.meta["_x402_payment"]}}
+        )
+        await mw.process_response(
+            paid, Response(url, status=200, request=paid, headers={"PAYMENT-RESPONSE": receipt})
+        )
     assert crawler.stats.get_value("x402/payment_count") == pages
     mw.session.ledger.close()
 

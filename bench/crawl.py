@@ -1,6 +1,6 @@
 """Child of bench/throughput.py: one crawl of the given URLs; prints pages, seconds, stats.
 
-    python -m bench.crawl URLS_FILE SETTINGS_JSON
+python -m bench.crawl URLS_FILE SETTINGS_JSON
 """
 
 from __future__ import annotations
@@ -40,13 +40,17 @@ def main() -> None:
     process.start()
     stats = crawler.stats.get_stats()
     seconds = (stats["finish_time"] - stats["start_time"]).total_seconds()
-    print(json.dumps({
-        "items": stats.get("item_scraped_count", 0),
-        "seconds": seconds,
-        "paid": stats.get("x402/payment_count", 0),
-        "preauthorized": stats.get("x402/preauthorized", 0),
-        "settled": stats.get("x402/settled_payment_count", 0),
-    }))
+    print(
+        json.dumps(
+            {
+                "items": stats.get("item_scraped_count", 0),
+                "seconds": seconds,
+                "paid": stats.get("x402/payment_count", 0),
+                "preauthorized": stats.get("x402/preauthorized", 0),
+                "settled": stats.get("x402/settled_payment_count", 0),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

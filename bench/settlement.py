@@ -34,16 +34,34 @@ def main() -> None:
         ledger = open_ledger(os.path.join(tmp, "ledger.sqlite3"))
         for i in range(COMMITMENTS):
             pid = "0x" + os.urandom(32).hex()
-            ledger.add(PaymentRecord(
-                pid, "bench", "deferred", f"eip155:{chain.chain_id}", token.address,
-                payer.address, payees[i % PAYEES], PRICE, Decimal("0.001"), "news.example",
-                "news.example", f"https://news.example/{i}", {}, 0,
-            ), commit=False)
+            ledger.add(
+                PaymentRecord(
+                    pid,
+                    "bench",
+                    "deferred",
+                    f"eip155:{chain.chain_id}",
+                    token.address,
+                    payer.address,
+                    payees[i % PAYEES],
+                    PRICE,
+                    Decimal("0.001"),
+                    "news.example",
+                    "news.example",
+                    f"https://news.example/{i}",
+                    {},
+                    0,
+                ),
+                commit=False,
+            )
             ledger.resolve(pid, Status.ACCEPTED, receipt={})
         ledger.commit()
         nonce_before = chain.w3.eth.get_transaction_count(payer.address)
-        settler = Settler(ledger, payer, {f"eip155:{chain.chain_id}": chain.url},
-                          AssetTable(token.asset_setting()))
+        settler = Settler(
+            ledger,
+            payer,
+            {f"eip155:{chain.chain_id}": chain.url},
+            AssetTable(token.asset_setting()),
+        )
         start = time.perf_counter()
         outcomes = settler.settle()
         elapsed = time.perf_counter() - start
@@ -53,8 +71,10 @@ def main() -> None:
         assert confirmed == COMMITMENTS and paid == COMMITMENTS * PRICE, (confirmed, paid)
         assert settler.settle() == []  # nothing left to pay
         ledger.close()
-    print(f"{transactions} transactions for {PAYEES} payees in {elapsed:.2f} s; "
-          f"every payee received exactly what it was owed")
+    print(
+        f"{transactions} transactions for {PAYEES} payees in {elapsed:.2f} s; "
+        f"every payee received exactly what it was owed"
+    )
     result("settlement_transactions", transactions)
     result("settlement_payees", PAYEES)
     result("settlement_seconds", elapsed)

@@ -34,8 +34,17 @@ def main() -> None:
     key = coincurve.PrivateKey(account.key)
     digest = os.urandom(32)
     now = int(time.time())
-    offer = Offer("deferred", "eip155:84532", 10_000, TOKEN, Account.create().address, 60,
-                  "https://news.example/a/1", {"name": "USD Coin", "version": "2"}, {})
+    offer = Offer(
+        "deferred",
+        "eip155:84532",
+        10_000,
+        TOKEN,
+        Account.create().address,
+        60,
+        "https://news.example/a/1",
+        {"name": "USD Coin", "version": "2"},
+        {},
+    )
     deferred, exact = DeferredScheme(), ExactScheme()
     raw = rate(lambda: key.sign_recoverable(digest, hasher=None))
     commitments = rate(lambda: deferred.sign(account, offer, offer.resource or "", now, 300))
