@@ -229,9 +229,7 @@ def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
         raise UsageError(str(e)) from None
     if account is None:
         raise UsageError("no wallet key: set X402_PRIVATE_KEY or X402_KEYSTORE_PATH")
-    outcomes = Settler(
-        ledger, account, config.rpc_urls, config.assets, config.settlement_timeout
-    ).settle(dry_run=dry_run)
+    outcomes = Settler.from_config(ledger, account, config).settle(dry_run=dry_run)
     if not outcomes:
         print("Nothing is owed on-chain.")
         return 0

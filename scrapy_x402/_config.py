@@ -54,6 +54,7 @@ class X402Config:
     keystore_password_env: str = "X402_KEYSTORE_PASSWORD"
     keystore_path: str | None = None
     ledger_uri: str = LEDGER_FILENAME
+    max_gas_price: int | None = None  # wei
     max_payment_attempts: int = 1
     max_price: Decimal = Decimal("0.10")
     max_timeout_seconds: int = 300
@@ -107,6 +108,7 @@ class X402Config:
             ),
             keystore_path=settings.get("X402_KEYSTORE_PATH") or None,
             ledger_uri=ledger_uri,
+            max_gas_price=_gwei(settings.get("X402_MAX_GAS_PRICE")),
             max_payment_attempts=settings.getint("X402_MAX_PAYMENT_ATTEMPTS", 1),
             max_price=parse_usd(settings.get("X402_MAX_PRICE", "0.10"), "X402_MAX_PRICE"),
             max_timeout_seconds=settings.getint("X402_MAX_TIMEOUT_SECONDS", 300),
@@ -140,6 +142,21 @@ def _default_ledger(jobdir: str | None) -> str:
         return str(Path(jobdir) / LEDGER_FILENAME)
     project_cfg = closest_scrapy_cfg()
     return str(Path(project_cfg).parent / LEDGER_FILENAME) if project_cfg else LEDGER_FILENAME
+
+
+def _gwei(value: Any) -> int | None:
+    """X402_MAX_GAS_PRICE, in gwei (a string such as "2.5"), as wei."""
+    if value in (None, ""):
+        return None
+    if isinstance(value, float):
+        raise ValueError('X402_MAX_GAS_PRICE must be a string such as "2.5" (gwei), not a float')
+    try:
+        gwei = Decimal(str(value))
+    except decimal.InvalidOperation:
+        raise ValueError(f"X402_MAX_GAS_PRICE must be a number of gwei, got {value!r}") from None
+    if not gwei.is_finite() or gwei <= 0:
+        raise ValueError(f"X402_MAX_GAS_PRICE must be positive, got {value!r}")
+    return int(gwei.scaleb(9))
 
 
 def _schemes(names: list[str]) -> tuple[str, ...]:

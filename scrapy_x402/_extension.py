@@ -46,13 +46,7 @@ class X402Settlement:
         stats.set_value("x402/spent_usd", str(sum(spent.values(), Decimal(0))))
         if not session.config.settle_on_close or session.account is None:
             return
-        settler = Settler(
-            session.ledger,
-            session.account,
-            session.config.rpc_urls,
-            session.config.assets,
-            session.config.settlement_timeout,
-        )
+        settler = Settler.from_config(session.ledger, session.account, session.config)
         # Blocking web3 calls: the crawl is over, so there is nothing left to stall.
         for outcome in settler.settle():
             stats.inc_value(f"x402/settlement/{outcome.status}")

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from scrapy_x402._assets import AssetTable
+    from scrapy_x402._config import X402Config
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +58,26 @@ class Settler:
         rpc_urls: Mapping[str, str],
         assets: AssetTable,
         timeout: int = 120,
+        max_gas_price: int | None = None,
     ):
         self.ledger = ledger
         self.account = account
         self.rpc_urls = rpc_urls
         self.assets = assets
         self.timeout = timeout
+        self.max_gas_price = max_gas_price  # wei per gas
         self._web3: dict[str, Web3] = {}
+
+    @classmethod
+    def from_config(cls, ledger: Ledger, account: LocalAccount, config: X402Config) -> Settler:
+        return cls(
+            ledger,
+            account,
+            config.rpc_urls,
+            config.assets,
+            config.settlement_timeout,
+            config.max_gas_price,
+        )
 
     def settle(self, dry_run: bool = False) -> list[Outcome]:
         """Resolve settlements a crash left pending, then pay everything owed."""
@@ -136,7 +150,15 @@ class Settler:
         tx["gas"] = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
         base_fee = w3.eth.get_block("latest").get("baseFeePerGas", 0)
         priority = w3.eth.max_priority_fee
-        tx.update(maxPriorityFeePerGas=priority, maxFeePerGas=2 * base_fee + priority)
+        max_fee = 2 * base_fee + priority
+        if self.max_gas_price is not None:
+            if base_fee + priority > self.max_gas_price:
+                raise SettlementError(
+                    f"gas costs {base_fee + priority} wei now, over X402_MAX_GAS_PRICE "
+                    f"({self.max_gas_price} wei); nothing was sent"
+                )
+            max_fee = min(max_fee, self.max_gas_price)
+        tx.update(maxPriorityFeePerGas=priority, maxFeePerGas=max_fee)
         del tx["from"]
         signed = self.account.sign_transaction(tx)
         return Settlement(

@@ -141,3 +141,66 @@ def test_guards_leave_payments_owed(ledger, payer, chain, token, payees):
 def test_only_the_wallets_own_debts_are_settled(ledger, payer, chain, token, payees):
     owe(ledger, payer, token, payees[0], 1_000)
     assert settler(ledger, Account.create(), chain, token).settle() == []
+
+
+def test_gas_price_cap_is_honoured(ledger, payer, chain, token, payees):
+    from scrapy.settings import Settings
+
+    from scrapy_x402 import X402Config
+
+    owe(ledger, payer, token, payees[0], 1_000)
+    rpc = {"X402_RPC_URLS": {"eip155:31337": chain.url}, "X402_ASSETS": token.asset_setting()}
+    capped = X402Config.from_settings(Settings({**rpc, "X402_MAX_GAS_PRICE": "0.000000001"}))
+    assert capped.max_gas_price == 1  # wei
+    [outcome] = Settler.from_config(ledger, payer, capped).settle()
+    assert outcome.status == "failed" and "X402_MAX_GAS_PRICE" in outcome.reason
+    assert ledger.settlements() == [] and len(ledger.owed(payer.address)) == 1  # nothing sent
+    generous = X402Config.from_settings(Settings({**rpc, "X402_MAX_GAS_PRICE": "1000"}))
+    [outcome] = Settler.from_config(ledger, payer, generous).settle()
+    assert outcome.status == "confirmed"
+    tx = chain.w3.eth.get_transaction(outcome.tx_hash)
+    assert tx["maxFeePerGas"] <= 1000 * 10**9
+
+
+def test_a_reverted_transfer_leaves_the_payments_owed_and_is_never_doubled(
+    ledger, payer, chain, token, payees
+):
+    owe(ledger, payer, token, payees[0], 5_000)
+    owed = ledger.owed(payer.address)[0]
+    s = settler(ledger, payer, chain, token)
+    settlement = s._sign_transfer(chain.w3, owed)
+    ledger.begin_settlement(settlement, owed.payment_ids)
+    # Before it is mined, the payer's tokens leave: the signed transfer will revert.
+    sink = chain.new_account().address
+    balance = token.balance_of(payer.address)
+    data = token.contract.encode_abi("transfer", [sink, balance])
+    chain.transact(payer, {"to": token.address, "data": data})
+    outcomes = settler(ledger, payer, chain, token).settle()
+    reverted, resend = outcomes
+    assert (reverted.status, reverted.reason) == ("failed", "transaction reverted")  # owed again...
+    assert resend.status == "failed" and "balance" in resend.reason  # ...and not paid: no funds
+    assert token.balance_of(payees[0]) == 0 and len(ledger.owed(payer.address)) == 1
+    token.mint(payer.address, 5_000)
+    [outcome] = settler(ledger, payer, chain, token).settle()
+    assert outcome.status == "confirmed"
+    assert token.balance_of(payees[0]) == 5_000  # paid once
+
+
+def test_an_rpc_timeout_after_accepting_the_transfer_pays_once(ledger, payer, chain, token, payees):
+    owe(ledger, payer, token, payees[0], 7_000)
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        slow = Settler(ledger, payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1)
+        [outcome] = slow.settle()
+        assert outcome.status == "pending"  # accepted by the node, fate unknown yet
+        assert token.balance_of(payees[0]) == 0
+        assert (
+            settler(ledger, payer, chain, token).settle()[0].status == "pending"
+        )  # re-broadcast, same tx
+        chain.w3.provider.make_request("evm_mine", [])
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+    outcomes = settler(ledger, payer, chain, token).settle()
+    assert [(o.status, o.tx_hash) for o in outcomes] == [("confirmed", outcome.tx_hash)]
+    assert token.balance_of(payees[0]) == 7_000
+    assert settler(ledger, payer, chain, token).settle() == []
