@@ -166,19 +166,39 @@ def test_a_reverted_transfer_leaves_the_payments_owed_and_is_never_doubled(
     ledger, payer, chain, token, payees
 ):
     owe(ledger, payer, token, payees[0], 5_000)
-    owed = ledger.owed(payer.address)[0]
-    s = settler(ledger, payer, chain, token)
-    settlement = s._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(settlement, owed.payment_ids)
-    # Before it is mined, the payer's tokens leave: the signed transfer will revert.
-    sink = chain.new_account().address
-    balance = token.balance_of(payer.address)
-    data = token.contract.encode_abi("transfer", [sink, balance])
-    chain.transact(payer, {"to": token.address, "data": data})
-    outcomes = settler(ledger, payer, chain, token).settle()
-    reverted, resend = outcomes
-    assert (reverted.status, reverted.reason) == ("failed", "transaction reverted")  # owed again...
-    assert resend.status == "failed" and "balance" in resend.reason  # ...and not paid: no funds
+    thief = chain.new_account()
+    token.approve(payer, thief.address)
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        slow = Settler(ledger, payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1)
+        [pending] = slow.settle()  # broadcast, not mined yet
+        assert pending.status == "pending"
+        # In the same block, ahead of it (higher fee), the payer's tokens leave.
+        drain = token.contract.encode_abi(
+            "transferFrom", [payer.address, thief.address, token.balance_of(payer.address)]
+        )
+        tx = {
+            "from": thief.address,
+            "to": token.address,
+            "data": drain,
+            "chainId": chain.chain_id,
+            "nonce": chain.w3.eth.get_transaction_count(thief.address),
+            "gas": 100_000,
+            "maxFeePerGas": 10**12,
+            "maxPriorityFeePerGas": 10**11,
+        }
+        del tx["from"]
+        chain.w3.eth.send_raw_transaction(thief.sign_transaction(tx).raw_transaction)
+        chain.w3.provider.make_request("evm_mine", [])
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+    reverted, resend = settler(ledger, payer, chain, token).settle()
+    assert (reverted.status, reverted.tx_hash, reverted.reason) == (
+        "failed",
+        pending.tx_hash,
+        "transaction reverted",
+    )  # owed again...
+    assert resend.status == "failed" and "balance" in resend.reason  # ...not paid without funds
     assert token.balance_of(payees[0]) == 0 and len(ledger.owed(payer.address)) == 1
     token.mint(payer.address, 5_000)
     [outcome] = settler(ledger, payer, chain, token).settle()
