@@ -1,5 +1,6 @@
 """The publisher's verifier: every rule of docs/deferred-scheme.md has its own reason."""
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -58,11 +59,14 @@ def test_accepts_v1_x_payment(verifier):
     assert verifier.verify(header, 1000, URL).amount == 1000
 
 
-def test_the_same_commitment_again_is_idempotent_but_a_reused_nonce_is_not(verifier):
+def test_a_commitment_may_be_resent_until_served_and_never_replayed(verifier):
     account = Account.create()
     header, _ = pay(verifier, account)
     first = verifier.verify(header, 1000, URL)
-    assert verifier.verify(header, 1000, URL).id == first.id  # a resend: same commitment
+    assert verifier.verify(header, 1000, URL).id == first.id  # a resend after a failure
+    verifier.nonces.served(first.payer, first.nonce)
+    with pytest.raises(PaymentRejected, match="nonce_reused"):  # a replay of a served page
+        verifier.verify(header, 1000, URL)
     # The same payer signs a different commitment (more money) under the same nonce.
     reused = replace(first, amount=2000)
     envelope = b64json_decode(header)
@@ -72,6 +76,47 @@ def test_the_same_commitment_again_is_idempotent_but_a_reused_nonce_is_not(verif
     }
     with pytest.raises(PaymentRejected, match="nonce_reused"):
         verifier.verify(b64json_encode(envelope), 1000, URL)
+
+
+def test_replays_are_refused_across_two_publisher_processes(tmp_path):
+    """Two processes of one publisher share a SQLiteNonceStore: a commitment served by one
+    is refused by the other."""
+    import urllib.error
+    import urllib.request
+
+    from tests.mockserver import MockServer
+
+    payee = Account.create().address
+    config = {
+        "network": "eip155:31337",
+        "asset": TOKEN,
+        "nonce_store": str(tmp_path / "nonces.sqlite3"),
+        "sections": {"news": {"payee": payee, "price": 1000}},
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with MockServer(config, tmp_path / "a") as a, MockServer(config, tmp_path / "b") as b:
+        # Both serve "the same site": the client names one host for the resource it pays for.
+        host = a.url.removeprefix("http://")
+        url = f"http://{host}/news/1"
+        header, _ = pay(
+            DeferredVerifier("eip155:31337", TOKEN, payee), url=url, now=int(time.time())
+        )
+
+        def get(server_url: str) -> int:
+            request = urllib.request.Request(
+                f"{server_url}/news/1", headers={"PAYMENT-SIGNATURE": header, "Host": host}
+            )
+            try:
+                with urllib.request.urlopen(request) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert get(a.url) == 200
+        assert get(b.url) == 402  # the same commitment, replayed at the other process
+        assert get(a.url) == 402
+        assert len(a.accepted()) == 1 and b.accepted() == []
 
 
 @pytest.mark.parametrize(

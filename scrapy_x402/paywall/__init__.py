@@ -11,6 +11,7 @@ from scrapy_x402.paywall._verifier import (
     MemoryNonceStore,
     NonceStore,
     PaymentRejected,
+    SQLiteNonceStore,
 )
 from scrapy_x402.schemes.deferred import Commitment, settlement_reference
 
@@ -21,5 +22,6 @@ __all__ = [
     "NonceStore",
     "PaymentRejected",
     "PaywallResource",
+    "SQLiteNonceStore",
     "settlement_reference",
 ]

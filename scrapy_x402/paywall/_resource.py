@@ -5,7 +5,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
@@ -62,7 +62,18 @@ class PaywallResource(Resource):
         if self.on_accept is not None:
             self.on_accept(commitment, request)
         request.setHeader(self._receipt_header, b64json_encode(self.verifier.receipt(commitment)))
-        return self.wrapped.render(request)
+        body = self.wrapped.render(request)
+        if body is NOT_DONE_YET:
+            request.notifyFinish().addCallback(lambda _: self._served(request, commitment))
+        else:
+            self._served(request, commitment)
+        return body
+
+    def _served(self, request: Request, commitment: Commitment) -> None:
+        """A success ends the commitment's presentations; after a failure the client may
+        send it again."""
+        if request.code < 400:
+            self.verifier.nonces.served(commitment.payer, commitment.nonce)
 
     @property
     def _receipt_header(self) -> str:

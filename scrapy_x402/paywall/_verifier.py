@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -20,12 +21,19 @@ class PaymentRejected(Exception):
 
 
 class NonceStore(Protocol):
-    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
-        """Bind a payer's nonce to a commitment; False if it is bound to another one.
+    """Replay protection: which commitment each payer's nonce is bound to, and whether the
+    page it paid for was served."""
 
-        The same commitment may be presented again (a client retrying after a 5xx): it
-        is accepted again, and it is still one commitment, settled once.
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
+        """Bind a payer's nonce to a commitment. False when it is bound to another
+        commitment, or when its page was already served (a replay).
+
+        The same commitment may be presented again until its page is served (a client
+        resending it after a 5xx): it is still one commitment, settled once.
         """
+
+    def served(self, payer: str, nonce: str) -> None:
+        """The page the commitment paid for was served: no more presentations."""
 
 
 class MemoryNonceStore:
@@ -33,7 +41,7 @@ class MemoryNonceStore:
     are forgotten and memory stays bounded by the commitments still valid."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
-        self._seen: dict[tuple[str, str], tuple[str, int]] = {}
+        self._seen: dict[tuple[str, str], list[Any]] = {}  # -> [commitment id, valid until, served]
         self._clock = clock
         self._next_prune = 0.0
 
@@ -42,8 +50,53 @@ class MemoryNonceStore:
         if now >= self._next_prune:
             self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
             self._next_prune = now + 60
-        bound = self._seen.setdefault((payer.lower(), nonce.lower()), (commitment_id, valid_until))
-        return bound[0] == commitment_id
+        bound = self._seen.setdefault(
+            (payer.lower(), nonce.lower()), [commitment_id, valid_until, False]
+        )
+        return bool(bound[0] == commitment_id and not bound[2])
+
+    def served(self, payer: str, nonce: str) -> None:
+        entry = self._seen.get((payer.lower(), nonce.lower()))
+        if entry is not None:
+            entry[2] = True
+
+
+class SQLiteNonceStore:
+    """Nonces shared by several publisher processes through one SQLite file."""
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.time):
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS x402_nonces (payer TEXT NOT NULL, nonce TEXT NOT NULL, "
+            "commitment_id TEXT NOT NULL, valid_until INTEGER NOT NULL, served INTEGER NOT NULL, "
+            "PRIMARY KEY (payer, nonce))"
+        )
+        self._clock = clock
+
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
+        key = (payer.lower(), nonce.lower())
+        self._conn.execute("BEGIN IMMEDIATE")  # one claim at a time across processes
+        try:
+            self._conn.execute(
+                "DELETE FROM x402_nonces WHERE valid_until < ?", (int(self._clock()),)
+            )
+            self._conn.execute(
+                "INSERT OR IGNORE INTO x402_nonces VALUES (?, ?, ?, ?, 0)",
+                (*key, commitment_id, valid_until),
+            )
+            bound, served = self._conn.execute(
+                "SELECT commitment_id, served FROM x402_nonces WHERE payer = ? AND nonce = ?", key
+            ).fetchone()
+        finally:
+            self._conn.execute("COMMIT")
+        return bool(bound == commitment_id and not served)
+
+    def served(self, payer: str, nonce: str) -> None:
+        self._conn.execute(
+            "UPDATE x402_nonces SET served = 1 WHERE payer = ? AND nonce = ?",
+            (payer.lower(), nonce.lower()),
+        )
 
 
 class DeferredVerifier:

@@ -16,6 +16,7 @@ from scrapy_x402.paywall import (
     DeferredVerifier,
     PaymentRejected,
     PaywallResource,
+    SQLiteNonceStore,
 )
 from scrapy_x402.paywall._resource import request_url
 
@@ -128,10 +129,11 @@ def build_site(config: dict[str, Any]) -> Site:
 
     for name, section in config["sections"].items():
         args = (config["network"], section.get("asset", config["asset"]), section["payee"])
+        nonces = SQLiteNonceStore(config["nonce_store"]) if config.get("nonce_store") else None
         verifier = (
-            RefusingVerifier(*args, reason=section["refuse"])
+            RefusingVerifier(*args, reason=section["refuse"], nonces=nonces)
             if section.get("refuse")
-            else DeferredVerifier(*args)
+            else DeferredVerifier(*args, nonces=nonces)
         )
         root.putChild(
             name.encode(),
