@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -351,7 +352,7 @@ class X402DownloaderMiddleware:
 
     def _crawler_error(self, request: Request, response: Response) -> None:
         """Cloudflare's error codes: each counted; CrawlerForbidden ends paying the domain."""
-        code = (response.headers.get(b"crawler-error") or b"").decode("latin-1")[:64]
+        code = _stat_name((response.headers.get(b"crawler-error") or b"").decode("latin-1"))
         domain = urlparse_cached(request).hostname or ""
         self._inc(f"x402/crawler_error/{code}")
         if code == "CrawlerForbidden" and domain not in self._forbidden_domains:
@@ -447,6 +448,7 @@ class X402DownloaderMiddleware:
         self, request: Request, confirmation: Confirmation, receipt: Any, domain: str
     ) -> None:
         payment = request.meta["x402_payment"]
+        self._check_receipt(receipt, payment, domain)
         payment_id = request.meta.pop("_x402_payment")
         key, reserved = request.meta.pop("_x402_reserved")
         usd = Decimal(reserved)
@@ -481,6 +483,31 @@ class X402DownloaderMiddleware:
         if amount is not None:
             payment["amount"] = str(amount)
 
+    def _check_receipt(self, receipt: Any, payment: dict[str, Any], domain: str) -> None:
+        """A receipt that names another network or payer, or more than was signed, is
+        counted and logged; the ledger keeps what was signed, never what a receipt claims."""
+        if not isinstance(receipt, dict):
+            return
+        claims = {
+            "network": receipt.get("network") not in (None, payment["network"]),
+            "payer": isinstance(receipt.get("payer"), str)
+            and receipt["payer"].lower() != self.session.payer.lower(),
+            "amount": str(receipt.get("amount", "0")).isdigit()
+            and int(receipt["amount"]) > int(payment["amount"]),
+        }
+        for field, wrong in claims.items():
+            if wrong:
+                self._inc(f"x402/receipt_mismatch/{field}")
+                self._once(
+                    logging.WARNING,
+                    ("receipt", domain, field),
+                    "x402: %s sent a receipt with another %s than the payment's (%r); "
+                    "the ledger keeps the payment as signed",
+                    domain,
+                    field,
+                    str(receipt.get(field))[:80],
+                )
+
     def _unconfirmed(self, request: Request, reason: str, refused: bool = False) -> None:
         """The payment was not confirmed. A commitment is then never settled, so its
         reservation is freed; a signed transfer stays held until it expires."""
@@ -495,7 +522,7 @@ class X402DownloaderMiddleware:
         ):
             self.session.budgets.release(key, Decimal(usd))
         self.session.commit_soon()
-        self._inc(f"x402/payment_{'rejected' if refused else 'failed'}/{reason[:64]}")
+        self._inc(f"x402/payment_{'rejected' if refused else 'failed'}/{_stat_name(reason)}")
         if held:
             self._inc("x402/payment_held")
         payment.update(status=status, reason=reason)
@@ -540,6 +567,11 @@ def _terms_key(request: Request) -> tuple[str, str]:
     """Host and priced path pattern: terms seen for /news/1 apply to /news/2."""
     parsed = urlparse_cached(request)
     return (parsed.hostname or "", parsed.path.rsplit("/", 1)[0] + "/*")
+
+
+def _stat_name(reason: str) -> str:
+    """A server's reason as a stat key part: short, no spaces or slashes."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", reason)[:64] or "unknown"
 
 
 def _internal_error(response: Response) -> bool:
