@@ -488,12 +488,12 @@ class X402DownloaderMiddleware:
         counted and logged; the ledger keeps what was signed, never what a receipt claims."""
         if not isinstance(receipt, dict):
             return
+        claimed = str(receipt.get("amount", ""))
         claims = {
             "network": receipt.get("network") not in (None, payment["network"]),
             "payer": isinstance(receipt.get("payer"), str)
             and receipt["payer"].lower() != self.session.payer.lower(),
-            "amount": str(receipt.get("amount", "0")).isdigit()
-            and int(receipt["amount"]) > int(payment["amount"]),
+            "amount": claimed.isdigit() and int(claimed) > int(payment["amount"]),
         }
         for field, wrong in claims.items():
             if wrong:
