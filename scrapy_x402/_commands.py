@@ -7,6 +7,7 @@ import datetime
 import io
 import json
 import os
+import time
 from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +20,7 @@ from scrapy.exceptions import UsageError
 from scrapy_x402._assets import CLOUDFLARE
 from scrapy_x402._botauth import load_identity
 from scrapy_x402._config import X402Config
+from scrapy_x402._recovery import resolve_in_doubt
 from scrapy_x402._settlement import Settler
 from scrapy_x402._wallet import WalletError, load_account
 from scrapy_x402._webbotauth import DIRECTORY_PATH, BotIdentity, IdentityError
@@ -88,6 +90,12 @@ class X402Command(ScrapyCommand):
             help="settle: mark the --period's Cloudflare charges paid by this invoice",
         )
         parser.add_argument("--period", metavar="YYYY-MM", help="settle --invoice: the month (UTC)")
+        parser.add_argument(
+            "--resolve-in-doubt",
+            action="store_true",
+            help="settle: no crawl is running: ask publishers about every payment a crash left "
+            "reserved, expired or not (by default only expired ones)",
+        )
         parser.add_argument("--ledger", metavar="URI", help="ledger URI (default: X402_LEDGER_URI)")
         parser.add_argument(
             "--agent",
@@ -114,7 +122,7 @@ class X402Command(ScrapyCommand):
             if args[0] == "settle" and opts.invoice:
                 print(_settle_invoice(ledger, opts.invoice, opts.period))
             elif args[0] == "settle":
-                self.exitcode = _settle(ledger, config, opts.dry_run)
+                self.exitcode = _settle(ledger, config, opts.dry_run, opts.resolve_in_doubt)
             elif opts.statement:
                 print(_statement(ledger, opts.statement, opts.json))
             else:
@@ -222,13 +230,22 @@ def _settle_invoice(ledger: Ledger, invoice: str, period: str | None) -> str:
     return f"Marked {marked} Cloudflare charges of {period} ({total} USD) settled by invoice {invoice}."
 
 
-def _settle(ledger: Ledger, config: X402Config, dry_run: bool) -> int:
+def _settle(ledger: Ledger, config: X402Config, dry_run: bool, all_in_doubt: bool = False) -> int:
     try:
         account = load_account(config)
     except WalletError as e:
         raise UsageError(str(e)) from None
     if account is None:
         raise UsageError("no wallet key: set X402_PRIVATE_KEY or X402_KEYSTORE_PATH")
+    if not dry_run:
+        resolution = resolve_in_doubt(
+            ledger, expired_before=None if all_in_doubt else int(time.time())
+        )
+        if resolution.accepted or resolution.refused or resolution.unknown:
+            print(
+                f"In doubt after a crash: {len(resolution.accepted)} served (now owed), "
+                f"{len(resolution.refused)} not served, {len(resolution.unknown)} still unknown."
+            )
     outcomes = Settler.from_config(ledger, account, config).settle(dry_run=dry_run)
     if not outcomes:
         print("Nothing is owed on-chain.")

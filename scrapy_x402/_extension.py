@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from scrapy import signals
 
+from scrapy_x402._recovery import resolve_in_doubt
 from scrapy_x402._session import X402Session
 from scrapy_x402._settlement import Settler
 from scrapy_x402.ledger import Status
@@ -33,8 +34,9 @@ class X402Settlement:
         session, stats = self.session, self.crawler.stats
         assert stats is not None
         if not session.config.jobdir:
-            # Without JOBDIR a scheduled paid request dies with the crawl: never served.
-            session.ledger.abandon_reserved(session.run_id, "crawl ended before the response")
+            # Without JOBDIR nothing resumes this run: what it left reserved (cut off by a
+            # close) is in doubt; ask the publishers now.
+            resolve_in_doubt(session.ledger, run_id=session.run_id)
         spent: dict[str, Decimal] = defaultdict(Decimal)
         pages: dict[str, int] = defaultdict(int)
         for row in session.ledger.summary(run_id=session.run_id):

@@ -79,9 +79,19 @@ class X402DownloaderMiddleware:
             and not request.meta.get("x402_dont_pay")
         ):
             self._preauthorize(request)
+        payment_id = request.meta.get("_x402_payment")
+        if payment_id in self.session.reopenable:
+            key, usd = request.meta["_x402_reserved"]
+            if not self.session.reopen(payment_id, key, Decimal(usd)):
+                self._unrecorded(request, release=False)
+                return
         if "_x402_payment" in request.meta and not request.meta.get("_x402_durable"):
             # The payment is committed before the request leaves: a crash never loses one.
-            await self.session.durable()
+            try:
+                await self.session.durable()
+            except Exception:
+                self._unrecorded(request)
+                return
             request.meta["_x402_durable"] = True
 
     async def process_exception(self, request: Request, exception: Exception) -> None:
@@ -349,6 +359,26 @@ class X402DownloaderMiddleware:
         retry = request.replace(dont_filter=True)
         retry.meta["_x402_internal_retries"] = retries + 1
         return retry
+
+    def _unrecorded(self, request: Request, release: bool = True) -> None:
+        """The payment cannot be recorded (or, resumed, no longer fits the budget): it must
+        not leave. Take it off the request, which goes on unpaid (a 402 then ends it)."""
+        self._inc("x402/ledger_error" if release else "x402/resumed_payment_dropped")
+        logger.error(
+            "x402: a payment for %s cannot be recorded; sending the request unpaid", request
+        )
+        key, usd = request.meta.pop("_x402_reserved")
+        if release:
+            self.session.budgets.release(key, Decimal(usd))
+        request.meta.pop("_x402_payment")
+        request.meta["x402_payment"].update(status="unrecorded")
+        for name in (
+            b"PAYMENT-SIGNATURE",
+            b"X-PAYMENT",
+            b"crawler-max-price",
+            b"crawler-exact-price",
+        ):
+            request.headers.pop(name, None)
 
     def _crawler_error(self, request: Request, response: Response) -> None:
         """Cloudflare's error codes: each counted; CrawlerForbidden ends paying the domain."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 from weakref import WeakKeyDictionary
@@ -19,6 +20,7 @@ from scrapy_x402._botauth import load_identity
 from scrapy_x402._budget import Budgets
 from scrapy_x402._chain import ChainReader
 from scrapy_x402._config import X402Config
+from scrapy_x402._recovery import resolve_in_doubt
 from scrapy_x402._version import __version__
 from scrapy_x402._wallet import load_account
 from scrapy_x402.ledger import Status, open_ledger
@@ -60,6 +62,10 @@ class X402Session:
         # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
         # what it already spent.
         self.run_id = _run_id(config.jobdir)
+        # A resumed crawl: the payments its previous process left reserved are in doubt.
+        # Ask their publishers; the refused ones whose requests are still queued are
+        # re-reserved when those requests leave (reopen()).
+        self.reopenable = set(resolve_in_doubt(self.ledger, run_id=self.run_id).refused)
         self.budgets = Budgets(
             config.budgets,
             config.default_budget,
@@ -97,6 +103,15 @@ class X402Session:
 
             reactor.callLater(0, self._commit)  # type: ignore[attr-defined,arg-type]
             self._commit_scheduled = True
+
+    def reopen(self, payment_id: str, key: str, usd: Decimal) -> bool:
+        """A payment resolved as refused at start whose queued request is leaving now:
+        reserve it again, or say it must not be sent (budget spent meanwhile)."""
+        self.reopenable.discard(payment_id)
+        if self.budgets.reserve(key, usd) is not None:
+            return False
+        self.ledger.resolve(payment_id, Status.RESERVED, reason=None, current=Status.FAILED)
+        return True
 
     async def durable(self) -> None:
         """Wait until every payment recorded so far is committed."""

@@ -42,8 +42,9 @@ def test_lifecycle_and_what_budgets_count(ledger):
     # reserved (3, 4) and accepted (0) count; refused ones do not
     assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.03")}
     assert ledger.spent_by_budget("other-run") == {}
-    assert ledger.abandon_reserved("r1", "crawl ended") == 2
-    assert ledger.get_status(record(4).id) == Status.FAILED
+    assert [d.id for d in ledger.in_doubt("r1")] == [record(3).id, record(4).id]
+    assert ledger.in_doubt("r1", expired_before=1) == []  # valid_until 1: not expired before 1
+    assert len(ledger.in_doubt(expired_before=2)) == 2
 
 
 def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(ledger):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from scrapy_x402.ledger._base import (
     HeldPayment,
+    InDoubt,
     Ledger,
     OwedTotal,
     PaymentRecord,
@@ -32,6 +33,7 @@ def open_ledger(uri: str) -> Ledger:
 
 __all__ = [
     "HeldPayment",
+    "InDoubt",
     "Ledger",
     "OwedTotal",
     "PaymentRecord",

@@ -55,6 +55,15 @@ class HeldPayment:
 
 
 @dataclass(frozen=True)
+class InDoubt:
+    id: str
+    scheme: str
+    url: str
+    budget_key: str
+    usd: Decimal
+
+
+@dataclass(frozen=True)
 class OwedTotal:
     network: str
     asset: str
@@ -314,16 +323,20 @@ class Ledger(ABC):
             for (network, asset, payee), rows in sorted(groups.items())
         ]
 
-    def abandon_reserved(self, run_id: str, reason: str) -> int:
-        """Mark a finished run's still-reserved payments failed: they were never served."""
-        with self._transaction():
-            return int(
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, reason = ?, updated_at = ? "
-                    "WHERE run_id = ? AND status = ?",
-                    (Status.FAILED, reason, int(time.time()), run_id, Status.RESERVED),
-                ).rowcount
-            )
+    def in_doubt(
+        self, run_id: str | None = None, expired_before: int | None = None
+    ) -> list[InDoubt]:
+        """Reserved payments (of one run, or all; only those expired before a time)."""
+        sql = "SELECT id, scheme, url, budget_key, usd FROM x402_payments WHERE status = ?"
+        params: list[Any] = [Status.RESERVED]
+        if run_id is not None:
+            sql, params = sql + " AND run_id = ?", [*params, run_id]
+        if expired_before is not None:
+            sql, params = sql + " AND valid_until < ?", [*params, expired_before]
+        return [
+            InDoubt(r[0], r[1], r[2], r[3], Decimal(r[4]))
+            for r in self._execute(sql + " ORDER BY id", params)
+        ]
 
     def summary(self, run_id: str | None = None) -> list[SummaryRow]:
         """Count, amount and USD per (domain, payee, network, asset, scheme, status)."""

@@ -5,6 +5,7 @@ and can be called from any Python web server; ``PaywallResource`` protects a Twi
 with it. docs/deferred-scheme.md specifies what both check.
 """
 
+from scrapy_x402.paywall._book import STATUS_PATH, CommitmentBook, CommitmentStatusResource
 from scrapy_x402.paywall._resource import PaywallResource
 from scrapy_x402.paywall._verifier import (
     DeferredVerifier,
@@ -16,7 +17,10 @@ from scrapy_x402.paywall._verifier import (
 from scrapy_x402.schemes.deferred import Commitment, settlement_reference
 
 __all__ = [
+    "STATUS_PATH",
     "Commitment",
+    "CommitmentBook",
+    "CommitmentStatusResource",
     "DeferredVerifier",
     "MemoryNonceStore",
     "NonceStore",

@@ -15,6 +15,7 @@ from scrapy_x402._protocol import (
     V1_PAYMENT_RESPONSE,
     b64json_encode,
 )
+from scrapy_x402.paywall._book import CommitmentBook
 from scrapy_x402.paywall._verifier import DeferredVerifier, PaymentRejected
 from scrapy_x402.schemes.deferred import Commitment
 
@@ -25,8 +26,9 @@ class PaywallResource(Resource):
     """Serves ``wrapped`` only to requests that carry an acceptable commitment.
 
     ``price`` is atomic units per page, or a callable returning that for a request
-    (None: free). ``on_accept(commitment, request)`` is called for every accepted
-    commitment, before the page is rendered: the publisher's record of what it is owed.
+    (None: free). ``on_accept(commitment, request)`` is called for every verified
+    commitment, before the page is rendered. ``book`` (a CommitmentBook) records each
+    commitment once its page is served: what the publisher is owed.
     """
 
     isLeaf = True
@@ -39,6 +41,7 @@ class PaywallResource(Resource):
         *,
         x402_version: int = 2,
         on_accept: Callable[[Commitment, Request], Any] | None = None,
+        book: CommitmentBook | None = None,
     ):
         super().__init__()
         self.wrapped = wrapped
@@ -46,6 +49,7 @@ class PaywallResource(Resource):
         self.price = price if callable(price) else (lambda _request: price)
         self.x402_version = x402_version
         self.on_accept = on_accept
+        self.book = book
 
     def render(self, request: Request) -> bytes | int:
         amount = self.price(request)
@@ -64,7 +68,8 @@ class PaywallResource(Resource):
         request.setHeader(self._receipt_header, b64json_encode(self.verifier.receipt(commitment)))
         body = self.wrapped.render(request)
         if body is NOT_DONE_YET:
-            request.notifyFinish().addCallback(lambda _: self._served(request, commitment))
+            finished = request.notifyFinish()
+            finished.addCallbacks(lambda _: self._served(request, commitment), lambda _: None)
         else:
             self._served(request, commitment)
         return body
@@ -74,6 +79,8 @@ class PaywallResource(Resource):
         send it again."""
         if request.code < 400:
             self.verifier.nonces.served(commitment.payer, commitment.nonce)
+            if self.book is not None:  # served: now it is owed
+                self.book.record(commitment, request_url(request))
 
     @property
     def _receipt_header(self) -> str:

@@ -41,6 +41,12 @@ class MockServer:
         self._process.wait(10)
         self._process.stdout.close()
 
+    def served(self) -> list[dict[str, str]]:
+        """The publisher's CommitmentBook: commitments whose pages it served (owed)."""
+        from scrapy_x402.paywall import CommitmentBook
+
+        return CommitmentBook(str(self.book) + ".sqlite3").all()
+
     def accepted(self) -> list[dict[str, Any]]:
         """The publisher's record of what it accepted (commitments, or charges)."""
         if not self.book.exists():

@@ -8,7 +8,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from scrapy_x402._protocol import b64json_encode
 from scrapy_x402.paywall import (
@@ -18,25 +18,38 @@ from scrapy_x402.paywall import (
     PaywallResource,
     SQLiteNonceStore,
 )
+from scrapy_x402.paywall._book import CommitmentBook, CommitmentStatusResource
 from scrapy_x402.paywall._resource import request_url
 
 
 class Page(Resource):
-    """A page; with ``fail_first`` it answers 500 to the first request for each path."""
+    """A page; with ``fail_first`` it answers 500 to the first request for each path; with
+    ``delay`` it answers that many seconds later."""
 
     isLeaf = True
 
-    def __init__(self, fail_first: bool = False):
+    def __init__(self, fail_first: bool = False, delay: float = 0):
         super().__init__()
         self.failed: set[str] | None = set() if fail_first else None
+        self.delay = delay
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> bytes | int:
         path = request.path.decode()
         if self.failed is not None and path not in self.failed:
             self.failed.add(path)
             request.setResponseCode(500)
             return b"try again"
-        return f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+        body = f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+        if self.delay:
+
+            def finish() -> None:
+                if not request._disconnected:
+                    request.write(body)
+                    request.finish()
+
+            reactor.callLater(self.delay, finish)  # type: ignore[attr-defined]
+            return NOT_DONE_YET
+        return body
 
 
 class RefusingVerifier(DeferredVerifier):
@@ -107,6 +120,10 @@ def build_site(config: dict[str, Any]) -> Site:
         return on_accept
 
     accepted: dict[str, int] = {}
+    commitments = CommitmentBook(config["book"] + ".sqlite3")  # what was served: owed
+    well_known = Resource()
+    well_known.putChild(b"x402-deferred", CommitmentStatusResource(commitments))
+    root.putChild(b".well-known", well_known)
 
     def price_of(name: str, section: dict[str, Any]):
         """The section's price; with "price_after": {"count", "price"} it changes once that
@@ -138,11 +155,12 @@ def build_site(config: dict[str, Any]) -> Site:
         root.putChild(
             name.encode(),
             PaywallResource(
-                Page(fail_first=section.get("fail_first", False)),
+                Page(fail_first=section.get("fail_first", False), delay=section.get("delay", 0)),
                 verifier,
                 price_of(name, section),
                 x402_version=section.get("version", 2),
                 on_accept=counting(name, record(name)),
+                book=commitments,
             ),
         )
     root.putChild(b"bad", BadTerms())
