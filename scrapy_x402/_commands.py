@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from scrapy.commands import ScrapyCommand
 from scrapy.exceptions import UsageError
+from scrapy.utils.log import configure_logging
 
 from scrapy_x402._assets import CLOUDFLARE
 from scrapy_x402._botauth import load_identity
@@ -113,6 +114,8 @@ class X402Command(ScrapyCommand):
         if len(args) != 1 or args[0] not in ("settle", "report", "keys"):
             raise UsageError("expected `settle`, `report` or `keys`")
         assert self.settings is not None
+        # Without a crawler process Scrapy sets up no logging: settlement errors would vanish.
+        configure_logging(self.settings)
         config = X402Config.from_settings(self.settings)
         if args[0] == "keys":
             print(_keys(config, opts.agent or config.signature_agent, Path(opts.key_file)))

@@ -13,6 +13,8 @@ from tests.test_settlement import owe
 def scrapy(tmp_path, payer, chain, token, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "X402_PRIVATE_KEY": payer.key.hex()}
     settings = [
+        "-L",
+        "DEBUG",  # every log line, web3's included, is searched for the key
         "-s",
         f"X402_LEDGER_URI={tmp_path / 'ledger.sqlite3'}",
         "-s",
@@ -51,7 +53,8 @@ def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees)
     assert "Nothing is owed on-chain." in again.stdout
     assert token.balance_of(payees[0]) == 10_000
 
-    report = json.loads(scrapy(tmp_path, payer, chain, token, "report", "--json").stdout)
+    report_run = scrapy(tmp_path, payer, chain, token, "report", "--json")
+    report = json.loads(report_run.stdout)
     [row] = report["payments"]
     assert (row["payee"], row["settled_pages"], row["settled_amount"], row["owed_amount"]) == (
         payees[0],
@@ -60,12 +63,17 @@ def test_settle_dry_run_settle_and_report(tmp_path, payer, chain, token, payees)
         "0",
     )
     assert report["settlements"][0]["status"] == "confirmed"
-    table = scrapy(tmp_path, payer, chain, token, "report").stdout
+    table_run = scrapy(tmp_path, payer, chain, token, "report")
+    table = table_run.stdout
     assert payees[0] in table and "Total: 0 USD owed, 0.0100 USD settled." in table
 
-    key = payer.key.hex().removeprefix("0x")
-    for run in (dry, paid, again):
-        assert key not in run.stdout + run.stderr
+    key = payer.key.hex().removeprefix("0x").lower()
+    assert "[web3" in paid.stderr and "DEBUG" in paid.stderr  # it really logged at DEBUG
+    assert "x402 settled" in paid.stderr
+    for run in (dry, paid, again, report_run, table_run):
+        assert key not in (run.stdout + run.stderr).lower()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert key.encode() not in written.lower()
 
 
 def test_settle_without_a_key_is_a_usage_error(tmp_path):

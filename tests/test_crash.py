@@ -113,3 +113,53 @@ def test_sigkill_mid_crawl_then_resume_and_settle(
     assert len(served_after) == PAGES
     assert Status.RESERVED not in rows.values()
     assert token.balance_of(payees[0]) == PAGES * PRICE  # each paid exactly once
+
+
+def test_sigkill_during_settlement_after_broadcast_pays_once(tmp_path, payer, chain, token, payees):
+    from tests.test_settlement import owe
+
+    ledger = open_ledger(str(tmp_path / "ledger.sqlite3"))
+    owe(ledger, payer, token, payees[0], 3_000, count=3)
+    ledger.close()
+    env = {**os.environ, "X402_PRIVATE_KEY": payer.key.hex()}
+    command = [
+        sys.executable,
+        "-m",
+        "scrapy",
+        "x402",
+        "settle",
+        "--ledger",
+        str(tmp_path / "ledger.sqlite3"),
+        "-s",
+        "X402_RPC_URLS=" + json.dumps({"eip155:31337": chain.url}),
+        "-s",
+        "X402_ASSETS=" + json.dumps(token.asset_setting()),
+    ]
+    chain.w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        settle = subprocess.Popen(
+            command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        # Broadcast, not mined: the process waits for the receipt. Kill it there.
+        wait_for(
+            lambda: (
+                chain.w3.provider.make_request("txpool_status", [])["result"]["pending"] != "0x0"
+            )
+        )
+        settle.send_signal(signal.SIGKILL)
+        settle.wait()
+        chain.w3.provider.make_request("evm_mine", [])
+    finally:
+        chain.w3.provider.make_request("evm_setAutomine", [True])
+    assert token.balance_of(payees[0]) == 9_000  # the transfer landed; the ledger never heard
+    again = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    assert "confirmed" in again.stdout  # found on-chain and recorded...
+    assert token.balance_of(payees[0]) == 9_000  # ...and not paid again
+    ledger = open_ledger(str(tmp_path / "ledger.sqlite3"))
+    assert ledger.owed(payer.address) == [] and [s.status for s in ledger.settlements()] == [
+        "confirmed"
+    ]
+    ledger.close()
