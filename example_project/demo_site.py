@@ -11,12 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 from html import escape
+from pathlib import Path
 
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from scrapy_x402.paywall import DeferredVerifier, PaywallResource
+from scrapy_x402.paywall import (
+    CommitmentBook,
+    CommitmentStatusResource,
+    DeferredVerifier,
+    PaywallResource,
+)
 from scrapy_x402.paywall._resource import request_url
 
 # section: (payee index, price in atomic units of a 6-decimal token, articles, host)
@@ -94,12 +100,18 @@ def main() -> None:
         book.flush()
 
     root = Resource()
+    # What this publisher served, and so is owed; crawlers may ask about a commitment after a crash.
+    book_db = CommitmentBook(str(Path(args.book).with_suffix(".sqlite3")))
+    well_known = Resource()
+    well_known.putChild(b"x402-deferred", CommitmentStatusResource(book_db))
+    root.putChild(b".well-known", well_known)
     port = reactor.listenTCP(args.port, Site(root), interface="127.0.0.1")
     root.putChild(b"", FrontPage(port.getHost().port, args.wire))
     for name, (payee, price, _, _) in SECTIONS.items():
         verifier = DeferredVerifier(args.network, args.token, payees[payee])
         root.putChild(
-            name.encode(), PaywallResource(Article(name), verifier, price, on_accept=on_accept)
+            name.encode(),
+            PaywallResource(Article(name), verifier, price, on_accept=on_accept, book=book_db),
         )
     print(f"http://127.0.0.1:{port.getHost().port}/", flush=True)
     reactor.run()

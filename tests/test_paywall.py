@@ -13,7 +13,7 @@ from scrapy_x402._protocol import (
     b64json_encode,
     payment_header,
 )
-from scrapy_x402.paywall import DeferredVerifier, PaymentRejected
+from scrapy_x402.paywall import Commitment, DeferredVerifier, PaymentRejected
 from scrapy_x402.schemes.deferred import DeferredScheme
 
 NOW = 1_700_000_000
@@ -167,3 +167,15 @@ def test_forged_signature_and_garbage(verifier):
     ):
         with pytest.raises(PaymentRejected):
             verifier.verify(garbage, 1000, URL)
+
+
+def test_a_commitment_signed_by_someone_else_than_its_payer(verifier):
+    payer, impostor = Account.create(), Account.create()
+    header, _ = pay(verifier, payer)
+    envelope = b64json_decode(header)
+    commitment = Commitment.from_json(31337, envelope["payload"]["commitment"])
+    envelope["payload"]["signature"] = (
+        "0x" + impostor.sign_message(commitment.signable()).signature.hex()
+    )
+    with pytest.raises(PaymentRejected, match="invalid_signature"):
+        verifier.verify(b64json_encode(envelope), 1000, URL)
