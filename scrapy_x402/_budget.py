@@ -55,6 +55,3 @@ class Budgets:
     def release(self, key: str, usd: Decimal) -> None:
         self._spent[key] = self.spent(key) - usd
         self.total_spent -= usd
-
-    def total_exhausted(self, smallest_price: Decimal = Decimal(0)) -> bool:
-        return self._max_total is not None and self.total_spent + smallest_price >= self._max_total

@@ -38,4 +38,3 @@ def test_total_cap_and_resumed_spending():
     assert b.reserve("news.example", D("0.2")) == "news.example"  # 1.1 > 1
     assert b.reserve("*.a.papers.example", D("0.6")) is None  # total 1.5
     assert b.reserve("*.a.papers.example", D("0.01")) == TOTAL
-    assert b.total_exhausted()
