@@ -258,20 +258,21 @@ class X402DownloaderMiddleware:
     def _preauthorize(self, request: Request) -> None:
         """Known, still valid terms for this host and path pattern: pay on the first request,
         as x402 v2 and Cloudflare allow, instead of waiting for a 402."""
-        terms = self._terms.get(_terms_key(request))
+        key = _terms_key(request)
+        terms = self._terms.get(key)
         if terms is None:
             return
         if time.time() >= terms.expires:
-            del self._terms[_terms_key(request)]
+            del self._terms[key]
             return
         max_price = self._max_price(request)
-        if max_price is None or terms.asset.to_usd(terms.offer.amount) > max_price:
+        usd = terms.asset.to_usd(terms.offer.amount)
+        if max_price is None or usd > max_price:
             return
         domain = urlparse_cached(request).hostname or ""
         if self._refusal(terms.offer, domain)[0] is not None:
             return
         challenge = replace(terms.challenge, resource={"url": request.url})
-        usd = terms.asset.to_usd(terms.offer.amount)
         if self._attach_payment(
             request, domain, challenge, terms.offer, terms.asset, usd, request.url, quiet=True
         ):
