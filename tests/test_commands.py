@@ -94,14 +94,18 @@ def test_keys_writes_a_new_key_and_prints_its_signed_directory(tmp_path):
     from tests.edgeserver.verifier import public_key, verify
 
     env = {k: v for k, v in os.environ.items() if k != "X402_BOT_AUTH_KEY"}
-    run = subprocess.run(
-        [sys.executable, "-m", "scrapy", "x402", "keys", "--agent", "https://crawler.example"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=60,
-    )
+
+    def keys() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "scrapy", "x402", "keys", "--agent", "https://crawler.example"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+
+    run = keys()
     assert run.returncode == 0, run.stderr
     key_file = tmp_path / "x402-bot-key.jwk"
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -119,12 +123,5 @@ def test_keys_writes_a_new_key_and_prints_its_signed_directory(tmp_path):
     assert verify("GET", url, headers, {identity.keyid: public_key(jwks["keys"][0])}).params[
         "tag"
     ] == ("http-message-signatures-directory")
-    again = subprocess.run(
-        [sys.executable, "-m", "scrapy", "x402", "keys", "--agent", "https://crawler.example"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=60,
-    )
+    again = keys()
     assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a key
