@@ -26,6 +26,7 @@ from scrapy_x402._settlement import Settler
 from scrapy_x402._wallet import WalletError, load_account
 from scrapy_x402._webbotauth import DIRECTORY_PATH, BotIdentity, IdentityError
 from scrapy_x402.ledger import Ledger, Status, open_ledger
+from scrapy_x402.payments import PaymentBook
 
 if TYPE_CHECKING:
     import argparse
@@ -123,9 +124,11 @@ class X402Command(ScrapyCommand):
         ledger = open_ledger(opts.ledger or config.ledger_uri)
         try:
             if args[0] == "settle" and opts.invoice:
-                print(_settle_invoice(ledger, opts.invoice, opts.period))
+                print(_settle_invoice(PaymentBook(ledger), opts.invoice, opts.period))
             elif args[0] == "settle":
-                self.exitcode = _settle(ledger, config, opts.dry_run, opts.resolve_in_doubt)
+                self.exitcode = _settle(
+                    PaymentBook(ledger), config, opts.dry_run, opts.resolve_in_doubt
+                )
             elif opts.statement:
                 print(_statement(ledger, opts.statement, opts.json))
             else:
@@ -225,15 +228,17 @@ def _statement(ledger: Ledger, period: str, as_json: bool) -> str:
     return out.getvalue().rstrip("\n")
 
 
-def _settle_invoice(ledger: Ledger, invoice: str, period: str | None) -> str:
-    lines = ledger.statement(CLOUDFLARE, *_period(period))
+def _settle_invoice(book: PaymentBook, invoice: str, period: str | None) -> str:
+    lines = book.store.statement(CLOUDFLARE, *_period(period))
     owed = [line for line in lines if line.status == Status.ACCEPTED]
-    marked = ledger.settle_by_invoice(CLOUDFLARE, *_period(period), invoice)
+    marked = book.invoice(CLOUDFLARE, *_period(period), invoice)
     total = sum((line.usd for line in owed), Decimal(0))
     return f"Marked {marked} Cloudflare charges of {period} ({total} USD) settled by invoice {invoice}."
 
 
-def _settle(ledger: Ledger, config: X402Config, dry_run: bool, all_in_doubt: bool = False) -> int:
+def _settle(
+    book: PaymentBook, config: X402Config, dry_run: bool, all_in_doubt: bool = False
+) -> int:
     try:
         account = load_account(config)
     except WalletError as e:
@@ -242,14 +247,15 @@ def _settle(ledger: Ledger, config: X402Config, dry_run: bool, all_in_doubt: boo
         raise UsageError("no wallet key: set X402_PRIVATE_KEY or X402_KEYSTORE_PATH")
     if not dry_run:
         resolution = resolve_in_doubt(
-            ledger, expired_before=None if all_in_doubt else int(time.time())
+            book, expired_before=None if all_in_doubt else int(time.time())
         )
-        if resolution.accepted or resolution.refused or resolution.unknown:
+        if resolution.accepted or resolution.refused or resolution.held or resolution.unknown:
             print(
                 f"In doubt after a crash: {len(resolution.accepted)} served (now owed), "
-                f"{len(resolution.refused)} not served, {len(resolution.unknown)} still unknown."
+                f"{len(resolution.refused)} not served, {len(resolution.held)} held until "
+                f"they expire, {len(resolution.unknown)} still unknown."
             )
-    outcomes = Settler.from_config(ledger, account, config).settle(dry_run=dry_run)
+    outcomes = Settler.from_config(book, account, config).settle(dry_run=dry_run)
     if not outcomes:
         print("Nothing is owed on-chain.")
         return 0

@@ -8,8 +8,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from scrapy import signals
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet.threads import deferToThread
 
-from scrapy_x402._recovery import resolve_in_doubt
 from scrapy_x402._session import X402Session
 from scrapy_x402._settlement import Settler
 from scrapy_x402.ledger import Status
@@ -33,24 +34,30 @@ class X402Settlement:
     async def spider_closed(self, reason: str) -> None:
         session, stats = self.session, self.crawler.stats
         assert stats is not None
-        if not session.config.jobdir:
-            # Without JOBDIR nothing resumes this run: what it left reserved (cut off by a
-            # close) is in doubt; ask the publishers now.
-            resolve_in_doubt(session.ledger, run_id=session.run_id)
+        store = session.store
+        in_doubt = await session.ledger.run(store.in_doubt, run_id=session.run_id)
+        if in_doubt and not session.config.jobdir:
+            logger.warning(
+                "x402: %d payments of this crawl are in doubt (their outcome was not recorded); "
+                "they stay counted: `scrapy x402 settle --resolve-in-doubt` asks their publishers",
+                len(in_doubt),
+            )
         spent: dict[str, Decimal] = defaultdict(Decimal)
         pages: dict[str, int] = defaultdict(int)
-        for row in session.ledger.summary(run_id=session.run_id):
+        for row in await session.ledger.run(store.summary, run_id=session.run_id):
             if row.status in (Status.ACCEPTED, Status.SETTLING, Status.SETTLED):
                 spent[row.domain] += row.usd
                 pages[row.domain] += row.count
         for domain in sorted(spent):
             logger.info("x402: %s: %d paid pages, %s USD", domain, pages[domain], spent[domain])
-        stats.set_value("x402/spent_usd", str(sum(spent.values(), Decimal(0))))
+        # A number for monitoring; the ledger has the exact amounts.
+        stats.set_value("x402/spent_usd", float(sum(spent.values(), Decimal(0))))
         if not session.config.settle_on_close or session.account is None:
             return
-        settler = Settler.from_config(session.ledger, session.account, session.config)
-        # Blocking web3 calls: the crawl is over, so there is nothing left to stall.
-        for outcome in settler.settle():
+        settler = Settler.from_config(session.book, session.account, session.config)
+        # Chain calls and waits for confirmations run in a thread, never on the reactor.
+        outcomes = await maybe_deferred_to_future(deferToThread(settler.settle))
+        for outcome in outcomes:
             stats.inc_value(f"x402/settlement/{outcome.status}")
             if outcome.status == "confirmed":
                 stats.inc_value("x402/settled_payment_count", outcome.payment_count)

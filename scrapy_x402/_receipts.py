@@ -9,6 +9,8 @@ from itemadapter import ItemAdapter
 from scrapy.exceptions import NotConfigured
 from scrapy.spidermiddlewares.base import BaseSpiderMiddleware
 
+from scrapy_x402.ledger import Status
+
 if TYPE_CHECKING:
     from scrapy.crawler import Crawler
     from scrapy.http import Response
@@ -26,7 +28,8 @@ class X402ReceiptMiddleware(BaseSpiderMiddleware):
 
     def get_processed_item(self, item: Any, response: Response | None) -> Any:
         payment = response.meta.get("x402_payment") if response is not None else None
-        if payment is None or payment.get("status") != "accepted":
+        # Owed (deferred, Cloudflare) or paid at once (exact, upto): both were confirmed.
+        if payment is None or payment.get("status") not in (Status.ACCEPTED, Status.SETTLED):
             return item
         adapter = ItemAdapter(item)
         if adapter.is_item(item):

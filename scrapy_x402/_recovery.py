@@ -1,79 +1,114 @@
-"""Payments in doubt after a crash: committed as reserved, maybe sent, maybe accepted.
+"""Payments in doubt after a crash: recorded as reserved, maybe sent, maybe accepted.
 
 For ``deferred`` only the publisher knows, and the scheme lets the client ask it
 (docs/deferred-scheme.md, section 7): accepted ones become owed, the others are never paid.
 A signed ``exact``/``upto`` transfer is held (counted) until it expires; Cloudflare may have
 charged one, so it is counted as owed and left to the invoice.
+
+A crawl asks through Scrapy's downloader (``ask`` is async there); the ``settle`` command,
+which runs no reactor, asks with a plain HTTP client.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from scrapy_x402.ledger import Ledger, Status
+from scrapy_x402.ledger import InDoubt, Status
+from scrapy_x402.payments import HELD_SCHEMES, PaymentBook
 
 logger = logging.getLogger(__name__)
 
 STATUS_PATH = "/.well-known/x402-deferred/"
-HELD_SCHEMES = ("exact", "upto")
+MAX_ANSWER = 4096
 
 
 @dataclass
 class Resolution:
     accepted: list[str] = field(default_factory=list)  # owed: the publisher served them
-    refused: list[str] = field(default_factory=list)  # never paid
+    refused: list[str] = field(default_factory=list)  # never paid: released
+    held: list[str] = field(default_factory=list)  # signed transfers: counted until they expire
     unknown: list[str] = field(default_factory=list)  # the publisher could not say: still in doubt
 
 
-def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool:
-    """Ask the publisher of ``url`` whether it accepted the commitment ``payment_id``."""
+def status_url(url: str, payment_id: str) -> str:
     parts = urlsplit(url)
-    status_url = f"{parts.scheme}://{parts.netloc}{STATUS_PATH}{payment_id}"
-    with urllib.request.urlopen(status_url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
-        answer = json.loads(response.read(4096))
+    return f"{parts.scheme}://{parts.netloc}{STATUS_PATH}{payment_id}"
+
+
+def parse_status(body: bytes) -> bool:
+    """The publisher's answer ``{"accepted": true|false}``."""
+    answer = json.loads(body[:MAX_ANSWER])
     if not isinstance(answer, dict) or not isinstance(answer.get("accepted"), bool):
-        raise ValueError(f"{status_url} did not answer {{'accepted': true|false}}")
+        raise ValueError("the status endpoint did not answer {'accepted': true|false}")
     return answer["accepted"]
 
 
+def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool:
+    """Ask the publisher of ``url`` whether it accepted ``payment_id`` (blocking: commands only)."""
+    with urllib.request.urlopen(status_url(url, payment_id), timeout=timeout) as response:  # noqa: S310 (http(s) only)
+        return parse_status(response.read(MAX_ANSWER + 1))
+
+
+def needs_asking(row: InDoubt) -> bool:
+    return row.scheme == "deferred" and row.url.startswith(("http://", "https://"))
+
+
+def record(book: PaymentBook, row: InDoubt, accepted: bool | None, resolution: Resolution) -> None:
+    """Record what became of one payment in doubt (``accepted``: the publisher's answer,
+    None when it could not say)."""
+    if row.scheme in HELD_SCHEMES:
+        if book.not_served(row.id, "in doubt after a crash: held until it expires"):
+            resolution.held.append(row.id)
+    elif row.scheme != "deferred":  # Cloudflare's: charged or not, the invoice will say
+        if book.confirm(
+            row.id, Status.ACCEPTED, reason="in doubt after a crash; check the invoice"
+        ):
+            resolution.accepted.append(row.id)
+    elif accepted is None:
+        resolution.unknown.append(row.id)
+    elif accepted:
+        if book.confirm(row.id, Status.ACCEPTED, reason="in doubt after a crash; served"):
+            resolution.accepted.append(row.id)
+    elif book.not_served(row.id, "in doubt after a crash; the publisher never served it"):
+        resolution.refused.append(row.id)
+
+
 def resolve_in_doubt(
-    ledger: Ledger, *, run_id: str | None = None, expired_before: int | None = None
+    book: PaymentBook, *, run_id: str | None = None, expired_before: int | None = None
 ) -> Resolution:
     """Resolve reserved payments (of ``run_id``, or of every run; only those expired before
-    ``expired_before`` unless it is None: the caller knows no crawl is running)."""
+    ``expired_before`` unless it is None: the caller knows no crawl is running). Blocking."""
     resolution = Resolution()
-    for row in ledger.in_doubt(run_id=run_id, expired_before=expired_before):
-        if row.scheme == "deferred":
-            if not row.url.startswith(("http://", "https://")):
-                resolution.unknown.append(row.id)
-                continue
+    for row in book.store.in_doubt(run_id=run_id, expired_before=expired_before):
+        accepted = None
+        if needs_asking(row):
             try:
                 accepted = publisher_accepted(row.url, row.id)
             except (OSError, ValueError) as e:
-                logger.warning("x402: cannot ask %s about payment %s: %s", row.url, row.id, e)
-                resolution.unknown.append(row.id)
-                continue
-            status = Status.ACCEPTED if accepted else Status.FAILED
-            reason = "in doubt after a crash; the publisher " + (
-                "served it" if accepted else "never served it"
-            )
-        elif row.scheme in HELD_SCHEMES:
-            status, accepted, reason = (
-                Status.HELD,
-                False,
-                "in doubt after a crash: held until it expires",
-            )
-        else:  # Cloudflare's: charged or not, the invoice will say
-            status, accepted, reason = (
-                Status.ACCEPTED,
-                True,
-                "in doubt after a crash; check the invoice",
-            )
-        ledger.resolve(row.id, status, reason=reason)
-        (resolution.accepted if accepted else resolution.refused).append(row.id)
+                _cannot_ask(row, e)
+        record(book, row, accepted, resolution)
     return resolution
+
+
+async def ask_all(
+    rows: list[InDoubt], ask: Callable[[str, str], Awaitable[bool]]
+) -> dict[str, bool | None]:
+    """The publishers' answers for ``rows`` (None where one could not say)."""
+    answers: dict[str, bool | None] = {}
+    for row in rows:
+        answers[row.id] = None
+        if needs_asking(row):
+            try:
+                answers[row.id] = await ask(row.url, row.id)
+            except Exception as e:
+                _cannot_ask(row, e)
+    return answers
+
+
+def _cannot_ask(row: InDoubt, error: Exception) -> None:
+    logger.warning("x402: cannot ask %s about payment %s: %s", row.url, row.id, error)

@@ -5,25 +5,27 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 from weakref import WeakKeyDictionary
 
 from scrapy import signals
 from scrapy.exceptions import NotConfigured
-from scrapy.utils.defer import maybe_deferred_to_future
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
+from twisted.internet.threads import deferToThread
 
 from scrapy_x402._botauth import load_identity
 from scrapy_x402._budget import Budgets
 from scrapy_x402._chain import ChainReader
 from scrapy_x402._config import X402Config
-from scrapy_x402._recovery import resolve_in_doubt
+from scrapy_x402._ledger_thread import LedgerThread
+from scrapy_x402._recovery import Resolution, ask_all, parse_status, record, status_url
+from scrapy_x402._redact import redact
 from scrapy_x402._version import __version__
 from scrapy_x402._wallet import load_account
-from scrapy_x402.ledger import Status, open_ledger
+from scrapy_x402.ledger import HeldPayment, open_ledger
+from scrapy_x402.payments import PaymentBook
 from scrapy_x402.schemes import build_schemes
 
 if TYPE_CHECKING:
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RUN_ID_FILE = "x402-run-id"
+HOLD_CHECK_INTERVAL = 5  # seconds between checks of expired holds
 
 
 class X402Session:
@@ -58,20 +61,17 @@ class X402Session:
         self.account = account  # None: only Cloudflare, which bills the operator, is paid
         # Who pays, in the ledger: the wallet, or the Web Bot Auth identity Cloudflare bills.
         self.payer = account.address if account else f"web-bot-auth:{identity.keyid}"  # type: ignore[union-attr]
-        self.ledger = open_ledger(config.ledger_uri)
+        self.store = open_ledger(config.ledger_uri)
+        self.stats = crawler.stats
+        self.book = PaymentBook(self.store, on_invalid=self._invalid_transition)
+        self.ledger = LedgerThread(self.store)  # every store call of the crawl goes there
         # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
         # what it already spent.
         self.run_id = _run_id(config.jobdir)
-        # A resumed crawl: the payments its previous process left reserved are in doubt.
-        # Ask their publishers; the refused ones whose requests are still queued are
-        # re-reserved when those requests leave (reopen()).
-        self.reopenable = set(resolve_in_doubt(self.ledger, run_id=self.run_id).refused)
-        self.budgets = Budgets(
-            config.budgets,
-            config.default_budget,
-            config.max_total,
-            self.ledger.spent_by_budget(self.run_id),
-        )
+        # Marks the payments this process signed: any other found on a request was signed
+        # before a resume, and is sent again only if the book agrees.
+        self.process_id = uuid.uuid4().hex
+        self.budgets = Budgets(config.budgets, config.default_budget, config.max_total)
         self.chain = ChainReader(config.rpc_urls)
         self.schemes = build_schemes(
             self.chain,
@@ -79,8 +79,9 @@ class X402Session:
             bot_identity=bool(config.bot_auth_key),
             price_header=config.crawler_price_header,
         )
-        self._waiters: list[Deferred[None]] = []
-        self._commit_scheduled = False
+        self.crawler = crawler
+        self._in_doubt: Deferred[Resolution] | None = None
+        self._holds_checked = 0.0
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
         logger.info(
             "scrapy-x402 %s: wallet %s, budgets %s (others %s, total %s), ledger %s, run %s",
@@ -95,71 +96,116 @@ class X402Session:
         if config.allow_mainnet:
             logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")
 
-    def commit_soon(self) -> None:
-        """Commit the payments recorded in this reactor turn at its end: one commit (one
-        fsync) for all of them, and the ledger's write lock is never held longer."""
-        if not self._commit_scheduled:
-            from twisted.internet import reactor  # noqa: PLC0415 (importing it installs one)
+    def _invalid_transition(self, what: str) -> None:
+        # Called from the ledger's thread: stats are touched on the reactor's.
+        from twisted.internet import reactor  # noqa: PLC0415 (importing it installs one)
 
-            reactor.callLater(0, self._commit)  # type: ignore[attr-defined,arg-type]
-            self._commit_scheduled = True
+        reactor.callFromThread(self.stats.inc_value, "x402/invalid_transition")  # type: ignore[attr-defined]
 
-    def reopen(self, payment_id: str, key: str, usd: Decimal) -> bool:
-        """A payment resolved as refused at start whose queued request is leaving now:
-        reserve it again, or say it must not be sent (budget spent meanwhile)."""
-        self.reopenable.discard(payment_id)
-        if self.budgets.reserve(key, usd) is not None:
-            return False
-        self.ledger.resolve(payment_id, Status.RESERVED, reason=None, current=Status.FAILED)
-        return True
+    async def resolve_in_doubt(self) -> Resolution:
+        """Once per crawl, before a resumed request is sent with its old payment: resolve the
+        payments an earlier process of this run left in doubt, asking their publishers
+        through Scrapy's downloader."""
+        if self._in_doubt is None:
+            self._in_doubt = deferred_from_coro(self._resolve_in_doubt())
+        shared: Deferred[Resolution] = Deferred()
 
-    async def durable(self) -> None:
-        """Wait until every payment recorded so far is committed."""
-        if not self.ledger.pending:
-            return
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        self.commit_soon()
-        await maybe_deferred_to_future(waiter)
+        def pass_on(resolution: Resolution) -> Resolution:
+            shared.callback(resolution)
+            return resolution
 
-    def _commit(self) -> None:
-        self._commit_scheduled = False
-        waiters, self._waiters = self._waiters, []
+        self._in_doubt.addCallback(pass_on)
+        return await maybe_deferred_to_future(shared)
+
+    async def _resolve_in_doubt(self) -> Resolution:
+        resolution = Resolution()
         try:
-            self.ledger.commit()
-        except Exception:
-            failure = Failure()
-            for waiter in waiters:
-                waiter.errback(failure)
-            return
-        for waiter in waiters:
-            waiter.callback(None)
+            rows = await self.ledger.run(self.store.in_doubt, run_id=self.run_id)
+            if not rows:
+                return resolution
+            answers = await ask_all(rows, self._ask_publisher)
 
-    def release_expired_holds(self) -> int:
-        """Free the budget held by signed transfers that expired uncollected.
+            def record_all() -> None:
+                for row in rows:
+                    record(self.book, row, answers[row.id], resolution)
 
-        Past their expiry nobody can submit them any more; with an RPC URL the chain must
-        also show them unused, else the money moved and stays counted (as settled).
+            await self.ledger.run(record_all)
+        except Exception:  # they stay in doubt, and counted
+            logger.exception("x402: cannot resolve the payments in doubt of this run")
+            return resolution
+        logger.info(
+            "x402: payments in doubt from an earlier process of this run: %d served (owed), "
+            "%d not served (released), %d held until they expire, %d still unknown",
+            len(resolution.accepted),
+            len(resolution.refused),
+            len(resolution.held),
+            len(resolution.unknown),
+        )
+        return resolution
+
+    async def _ask_publisher(self, url: str, payment_id: str) -> bool:
+        from scrapy import Request  # noqa: PLC0415
+        from scrapy.http.request import NO_CALLBACK  # noqa: PLC0415
+
+        request = Request(
+            status_url(url, payment_id),
+            callback=NO_CALLBACK,
+            meta={"x402_dont_pay": True, "dont_cache": True, "_x402_internal": True},
+            dont_filter=True,
+        )
+        assert self.crawler.engine is not None
+        response = await self.crawler.engine.download_async(request)
+        if response.status != 200:
+            raise ValueError(f"the status endpoint answered HTTP {response.status}")
+        return parse_status(response.body)
+
+    async def release_expired_holds(self) -> int:
+        """Free the budget held by signed transfers that expired uncollected, at most once
+        every HOLD_CHECK_INTERVAL seconds (called when a budget refuses).
+
+        Past their expiry nobody can submit them any more; the chain must also show them
+        unused, else the money moved and they are settled. Without an RPC URL to ask, they
+        stay held, and counted. The chain is read in a thread, never on the reactor.
         """
-        released = 0
-        for held in self.ledger.expired_holds(self.run_id, int(time.time())):
-            status, reason = Status.EXPIRED, "expired uncollected"
+        now = time.time()
+        if now - self._holds_checked < HOLD_CHECK_INTERVAL:
+            return 0
+        self._holds_checked = now
+        holds = await self.ledger.run(self.store.expired_holds, self.run_id, int(now))
+        if not holds:
+            return 0
+        verdicts = await maybe_deferred_to_future(deferToThread(self._read_holds, holds))
+
+        def record_all() -> int:
+            released = 0
+            for held, used in verdicts:
+                if used:
+                    self.book.collected(held.id, "collected on-chain after it was not confirmed")
+                    logger.warning("x402: payment %s was not confirmed but collected", held.id)
+                elif self.book.expire(held.id, "expired uncollected"):
+                    released += 1
+            return released
+
+        return await self.ledger.run(record_all)
+
+    def _read_holds(self, holds: list[HeldPayment]) -> list[tuple[HeldPayment, bool]]:
+        """Whether each expired hold was used on-chain; unknown ones are left out."""
+        verdicts = []
+        for held in holds:
             try:
                 w3 = self.chain.get(held.network)
-                if w3 is not None and self.schemes[held.scheme].collected(
-                    w3, held.asset, held.payload
-                ):
-                    status, reason = Status.SETTLED, "collected on-chain after a refusal"
-            except Exception as e:  # unknown: it stays held, and counted
-                logger.warning("x402: cannot check payment %s on-chain: %s", held.id, e)
+                if w3 is None:
+                    continue  # no chain to ask: it stays held
+                used = self.schemes[held.scheme].collected(w3, held.asset, held.payload)
+            except Exception as e:
+                logger.warning(
+                    "x402: cannot check payment %s on-chain: %s",
+                    held.id,
+                    redact(str(e), self.config.rpc_urls.values()),
+                )
                 continue
-            if self.ledger.resolve(held.id, status, reason=reason, current=Status.HELD):
-                if status == Status.EXPIRED:
-                    self.budgets.release(held.budget_key, held.usd)
-                    released += 1
-                else:
-                    logger.warning("x402: payment %s was refused but collected anyway", held.id)
-        return released
+            verdicts.append((held, used))
+        return verdicts
 
 
 def _run_id(jobdir: str | None) -> str:

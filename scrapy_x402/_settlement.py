@@ -18,7 +18,8 @@ from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
 
 from scrapy_x402._chain import ChainMismatch, connect, token_balance
 from scrapy_x402._networks import evm_chain_id
-from scrapy_x402.ledger import Ledger, OwedTotal, Settlement
+from scrapy_x402.ledger import OwedTotal, Settlement
+from scrapy_x402.payments import PaymentBook
 from scrapy_x402.schemes.deferred import settlement_reference
 
 if TYPE_CHECKING:
@@ -53,14 +54,15 @@ class Outcome:
 class Settler:
     def __init__(
         self,
-        ledger: Ledger,
+        book: PaymentBook,
         account: LocalAccount,
         rpc_urls: Mapping[str, str],
         assets: AssetTable,
         timeout: int = 120,
         max_gas_price: int | None = None,
     ):
-        self.ledger = ledger
+        self.book = book
+        self.ledger = book.store  # reads; every write goes through the book
         self.account = account
         self.rpc_urls = rpc_urls
         self.assets = assets
@@ -69,9 +71,9 @@ class Settler:
         self._web3: dict[str, Web3] = {}
 
     @classmethod
-    def from_config(cls, ledger: Ledger, account: LocalAccount, config: X402Config) -> Settler:
+    def from_config(cls, book: PaymentBook, account: LocalAccount, config: X402Config) -> Settler:
         return cls(
-            ledger,
+            book,
             account,
             config.rpc_urls,
             config.assets,
@@ -119,12 +121,13 @@ class Settler:
             logger.error("x402 settlement to %s on %s failed: %s", owed.payee, owed.network, e)
             return _outcome(owed, "failed", reason=str(e))
         # Written before it is broadcast: from here on, the chain decides what happened.
-        self.ledger.begin_settlement(settlement, owed.payment_ids)
+        if not self.book.settle_begin(settlement, owed.payment_ids):
+            return _outcome(owed, "skipped", reason="its payments changed meanwhile; not sent")
         try:
             w3.eth.send_raw_transaction(HexStr(settlement.raw_tx))
         except Web3RPCError as e:
             # The node refused it outright: not broadcast, so the payments are owed again.
-            self.ledger.finish_settlement(settlement.id, confirmed=False, reason=str(e))
+            self.book.settle_end(settlement.id, confirmed=False, reason=str(e))
             logger.error("x402 settlement to %s refused by the node: %s", owed.payee, e)
             return _outcome(owed, "failed", settlement.id, str(e))
         except OSError as e:
@@ -181,7 +184,7 @@ class Settler:
         except TimeExhausted as e:
             return self._unknown(owed, s, e)
         if receipt["status"] == 1:
-            self.ledger.finish_settlement(s.id, confirmed=True)
+            self.book.settle_end(s.id, confirmed=True)
             logger.info(
                 "x402 settled %s to %s on %s: %s",
                 self._format(s.network, s.asset, s.amount),
@@ -190,7 +193,7 @@ class Settler:
                 s.id,
             )
             return _outcome(owed, "confirmed", s.id)
-        self.ledger.finish_settlement(s.id, confirmed=False, reason="transaction reverted")
+        self.book.settle_end(s.id, confirmed=False, reason="transaction reverted")
         logger.error(
             "x402 settlement %s to %s reverted; its payments are owed again", s.id, s.payee
         )
@@ -215,7 +218,7 @@ class Settler:
             ):
                 # Its nonce was used by another transaction, so it can never be mined.
                 # Its payments are owed again and are paid by the loop in settle().
-                self.ledger.finish_settlement(s.id, confirmed=False, reason="replaced")
+                self.book.settle_end(s.id, confirmed=False, reason="replaced")
                 logger.warning(
                     "x402 settlement %s was never mined; its payments are owed again", s.id
                 )

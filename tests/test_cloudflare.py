@@ -47,7 +47,7 @@ def rows(settings: dict[str, Any]) -> list[tuple[Any, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
         return list(
-            ledger._execute(
+            ledger.query(
                 "SELECT scheme, network, status, amount, usd, reason FROM x402_payments"
             )
         )
@@ -71,7 +71,7 @@ async def test_pays_crawler_price_within_budget(tmp_path, identity, cloudflare_s
     assert len(items) == 3 == len(charged)  # 0.03 at 0.01 a page
     assert {c["header"] for c in charged} == {header}
     assert stats["x402/budget_exceeded/127.0.0.1"] == 2
-    assert stats["x402/spent_usd/127.0.0.1"] == "0.03"
+    assert stats["x402/spent_usd/127.0.0.1"] == 0.03
     assert (
         rows(settings)
         == [("pay-per-crawl", "cloudflare:402", Status.ACCEPTED, "1", "0.01", None)] * 3
@@ -177,7 +177,7 @@ async def test_batch_settlement_on_cloudflare_402(tmp_path, identity, cloudflare
         == [("batch-settlement", "cloudflare:402", Status.ACCEPTED, "2", "0.02", None)] * 3
     )
     ledger = open_ledger(settings["X402_LEDGER_URI"])
-    receipts = [json.loads(r) for (r,) in ledger._execute("SELECT receipt FROM x402_payments")]
+    receipts = [json.loads(r) for (r,) in ledger.query("SELECT receipt FROM x402_payments")]
     ledger.close()
     assert all(set(r) == {"amount", "asset", "network", "timestamp"} for r in receipts)
 
@@ -256,14 +256,14 @@ async def test_statement_and_invoice_settlement(tmp_path, identity, cloudflare_s
 
 @deferred_f_from_coro_f
 async def test_without_a_wallet_only_cloudflare_is_paid(tmp_path, identity, cloudflare_settings):
-    from tests.test_middleware import offer, response402
+    from tests.test_middleware import PAYING, offer, response402
 
     settings = {**cloudflare_settings, "X402_SCHEMES": ["deferred", "pay-per-crawl"]}
     with edge(tmp_path, identity) as server:
         _, items = await crawl(settings, [f"{server.url}/ppc/1"])
     assert len(items) == 1
     ledger = open_ledger(settings["X402_LEDGER_URI"])
-    [(payer,)] = list(ledger._execute("SELECT payer FROM x402_payments"))
+    [(payer,)] = list(ledger.query("SELECT payer FROM x402_payments"))
     ledger.close()
     assert payer == f"web-bot-auth:{identity.keyid}"
     # An EVM offer is refused for want of a wallet.
@@ -272,7 +272,7 @@ async def test_without_a_wallet_only_cloudflare_is_paid(tmp_path, identity, clou
 
     from scrapy_x402 import X402DownloaderMiddleware
 
-    probe = get_crawler(settings_dict={**settings, "ADDONS": {}})
+    probe = get_crawler(settings_dict={**settings, "ADDONS": {}, **PAYING})
     mw = build_from_crawler(X402DownloaderMiddleware, probe)
     evm = response402(offer())
     assert await mw.process_response(evm.request, evm) is evm

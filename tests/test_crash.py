@@ -106,7 +106,7 @@ def test_sigkill_mid_crawl_then_resume_and_settle(
     )
     assert settle.returncode == 0, settle.stderr
     ledger = open_ledger(settings["X402_LEDGER_URI"])
-    rows = dict(ledger._execute("SELECT id, status FROM x402_payments"))
+    rows = dict(ledger.query("SELECT id, status FROM x402_payments"))
     ledger.close()
     settled = {pid for pid, status in rows.items() if status == Status.SETTLED}
     assert settled == served_after  # every commitment the publisher served, and only those

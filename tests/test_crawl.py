@@ -45,7 +45,7 @@ def ledger_rows(settings: dict[str, Any]) -> list[tuple[str, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
         return list(
-            ledger._execute(
+            ledger.query(
                 "SELECT id, status, payee, amount, url, settlement_id FROM x402_payments"
             )
         )
@@ -69,7 +69,7 @@ async def test_pays_pages_and_settles_one_transfer_per_payee(
     stats = crawler.stats.get_stats()
     assert len(items) == 11
     assert stats["x402/payment_count"] == 10
-    assert stats["x402/spent_usd/127.0.0.1"] == "0.160000"
+    assert stats["x402/spent_usd/127.0.0.1"] == 0.160000
     assert stats["x402/settlement/confirmed"] == 2  # two payees: two transfers
     assert stats["x402/settled_payment_count"] == 10
     # The payees hold exactly what their pages cost; the payer paid exactly that.
@@ -219,7 +219,7 @@ async def test_global_cap_closes_the_spider(tmp_path, x402_settings, token, paye
     assert crawler.stats.get_value("finish_reason") == "x402_budget_exhausted"
     assert crawler.stats.get_value("x402/payment_count") == 3
     assert len(items) == 3
-    assert json.loads(json.dumps(crawler.stats.get_value("x402/spent_usd"))) == "0.030000"
+    assert json.loads(json.dumps(crawler.stats.get_value("x402/spent_usd"))) == 0.03
 
 
 @deferred_f_from_coro_f
@@ -274,7 +274,7 @@ async def test_stale_terms_fall_back_to_the_402_cycle(tmp_path, x402_settings, t
     paid = [int(r[3]) for r in rows if r[1] == Status.SETTLED]
     assert sorted(paid) == [10_000, 10_000, 20_000, 20_000, 20_000]  # one payment per page
     assert [r[1] for r in rows].count(Status.REJECTED) == 1  # the stale one, never paid
-    assert stats["x402/spent_usd/127.0.0.1"] == "0.080000"
+    assert stats["x402/spent_usd/127.0.0.1"] == 0.080000
     assert token.balance_of(payees[0]) == 80_000
 
 

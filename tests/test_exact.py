@@ -6,6 +6,7 @@ import time
 from decimal import Decimal
 
 from eth_account import Account
+from scrapy.utils.defer import deferred_f_from_coro_f
 from scrapy.utils.test import get_crawler
 
 from scrapy_x402._protocol import Offer
@@ -66,49 +67,78 @@ def test_refusals():
     assert scheme.refusal(permit2) == "transfer_method_permit2"
 
 
-def test_expired_holds_are_released_only_when_the_chain_shows_them_unused(
-    tmp_path, chain, token, payer, monkeypatch
-):
+def held_payments(session, chain, token, payer, count=2):
+    """``count`` refused authorizations of 0.005 each, held (counted) by the session's book."""
+    payee = Account.create().address
+    payments = []
+    for _ in range(count):
+        signed = ExactScheme().sign(payer, offer_for(token, payee), "", int(time.time()), 300)
+        record = PaymentRecord(
+            signed.id,
+            session.run_id,
+            "exact",
+            f"eip155:{chain.chain_id}",
+            token.address,
+            payer.address,
+            payee,
+            5_000,
+            Decimal("0.005"),
+            "pub.example",
+            "pub.example",
+            "http://pub.example/",
+            signed.payload,
+            signed.valid_until,
+        )
+        assert session.book.reserve(record, session.budgets.limits("pub.example")) is None
+        assert session.book.not_served(signed.id, "refused", refused=True) == Status.HELD
+        payments.append(signed)
+    return payments
+
+
+def exact_session(tmp_path, payer, monkeypatch, rpc_urls):
     monkeypatch.setenv("X402_PRIVATE_KEY", payer.key.hex())
     crawler = get_crawler(
         settings_dict={
             "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
             "X402_BUDGETS": {"pub.example": "0.01"},
-            "X402_RPC_URLS": {f"eip155:{chain.chain_id}": chain.url},
+            "X402_RPC_URLS": rpc_urls,
         }
     )
-    session = X402Session.for_crawler(crawler)
-    payee = Account.create().address
+    return X402Session.for_crawler(crawler)
+
+
+def spent(session):
+    return session.store.spent_by_budget(session.run_id).get("pub.example", Decimal(0))
+
+
+@deferred_f_from_coro_f
+async def test_expired_holds_are_released_only_when_the_chain_shows_them_unused(
+    tmp_path, chain, token, payer, monkeypatch
+):
+    session = exact_session(tmp_path, payer, monkeypatch, {f"eip155:{chain.chain_id}": chain.url})
     now = int(time.time())
-    payments = []
-    for _ in range(2):  # two refused authorizations, each 0.005, filling the budget
-        signed = ExactScheme().sign(payer, offer_for(token, payee), "", now, 300)
-        assert session.budgets.reserve("pub.example", Decimal("0.005")) is None
-        session.ledger.add(
-            PaymentRecord(
-                signed.id,
-                session.run_id,
-                "exact",
-                f"eip155:{chain.chain_id}",
-                token.address,
-                payer.address,
-                payee,
-                5_000,
-                Decimal("0.005"),
-                "pub.example",
-                "pub.example",
-                "http://pub.example/",
-                signed.payload,
-                signed.valid_until,
-            )
-        )
-        session.ledger.resolve(signed.id, Status.HELD, reason="refused")
-        payments.append(signed)
+    payments = held_payments(session, chain, token, payer)
     # The server refused the first, yet submitted it anyway: the money moved.
     submit(token, payments[0].payload, chain.new_account())
-    assert session.release_expired_holds() == 0  # not expired yet: both stay held
+    assert await session.release_expired_holds() == 0  # not expired yet: both stay held
     monkeypatch.setattr(time, "time", lambda: now + 301)  # past validBefore
-    assert session.release_expired_holds() == 1
-    assert session.ledger.get_status(payments[0].id) == Status.SETTLED
-    assert session.ledger.get_status(payments[1].id) == Status.EXPIRED
-    assert session.budgets.spent("pub.example") == Decimal("0.005")
+    assert await session.release_expired_holds() == 1
+    assert session.store.get_status(payments[0].id) == Status.SETTLED
+    assert session.store.get_status(payments[1].id) == Status.EXPIRED
+    assert spent(session) == Decimal("0.005")
+
+
+@deferred_f_from_coro_f
+async def test_without_an_rpc_url_expired_holds_stay_counted(
+    tmp_path, chain, token, payer, monkeypatch
+):
+    """The facilitator may have settled a held authorization (a lost 504): with no chain to
+    ask, it is never released, and `settle`/`report` show it held."""
+    session = exact_session(tmp_path, payer, monkeypatch, {})
+    now = int(time.time())
+    payments = held_payments(session, chain, token, payer)
+    submit(token, payments[0].payload, chain.new_account())  # collected behind our back
+    monkeypatch.setattr(time, "time", lambda: now + 301)
+    assert await session.release_expired_holds() == 0
+    assert {session.store.get_status(p.id) for p in payments} == {Status.HELD}
+    assert spent(session) == Decimal("0.01")

@@ -92,7 +92,7 @@ def ledger_rows(settings: dict[str, Any]) -> list[tuple[Any, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
         return list(
-            ledger._execute("SELECT scheme, status, settlement_id, amount, usd FROM x402_payments")
+            ledger.query("SELECT scheme, status, settlement_id, amount, usd FROM x402_payments")
         )
     finally:
         ledger.close()
@@ -151,7 +151,7 @@ async def test_a_refusal_holds_the_authorization_and_insufficient_funds_stops_th
         "no more payments on that network in this crawl"
     ]
     ledger = open_ledger(settings["X402_LEDGER_URI"])
-    [(status, reason)] = list(ledger._execute("SELECT status, reason FROM x402_payments"))
+    [(status, reason)] = list(ledger.query("SELECT status, reason FROM x402_payments"))
     ledger.close()
     # Signed and refused, but collectable until it expires: it still counts.
     assert (status, reason) == (Status.HELD, "invalid_exact_evm_insufficient_balance")
@@ -223,7 +223,7 @@ async def test_pays_exact_with_permit2(tmp_path, sdk_chain, sdk_site, monkeypatc
     assert {r[:2] for r in ledger_rows(settings)} == {("exact", Status.SETTLED)}
     # The chain shows each signed Permit2 nonce used: what releases or keeps a held payment.
     ledger = open_ledger(settings["X402_LEDGER_URI"])
-    payloads = [json.loads(p) for (p,) in ledger._execute("SELECT payload FROM x402_payments")]
+    payloads = [json.loads(p) for (p,) in ledger.query("SELECT payload FROM x402_payments")]
     ledger.close()
     scheme = ExactScheme()
     assert all(scheme.collected(sdk_chain.w3, token.address, p) for p in payloads)
@@ -273,7 +273,7 @@ async def test_upto_reserves_the_maximum_and_trues_up_to_the_receipt(
     stats = crawler.stats.get_stats()
     assert len(items) == 3
     assert stats["x402/budget_exceeded/127.0.0.1"] == 3
-    assert stats["x402/spent_usd/127.0.0.1"] == "0.012000"
+    assert stats["x402/spent_usd/127.0.0.1"] == 0.012000
     assert token.balance_of(payee) == 3 * 4000
     rows = ledger_rows(settings)
     assert {(r[0], r[1], r[3], r[4]) for r in rows} == {

@@ -130,7 +130,7 @@ def test_guards_leave_payments_owed(ledger, payer, chain, token, payees):
     assert outcome.status == "failed" and "balance" in outcome.reason
     assert len(ledger.owed(payer.address)) == 1 and ledger.settlements() == []
     wrong_chain = Settler(ledger, payer, {"eip155:84532": chain.url}, AssetTable({}))
-    ledger._execute("UPDATE x402_payments SET network = 'eip155:84532'")
+    ledger.query("UPDATE x402_payments SET network = 'eip155:84532'")
     [outcome] = wrong_chain.settle()
     assert outcome.status == "failed" and "chain id 31337" in outcome.reason
     [outcome] = Settler(ledger, payer, {}, AssetTable({})).settle()

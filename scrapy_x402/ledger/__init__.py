@@ -1,17 +1,20 @@
-"""The payment ledger: every payment from reservation to settlement.
+"""The payment ledger (the store): every payment from reservation to settlement.
 
-``Ledger`` holds all the SQL (portable: no vendor types, amounts as decimal strings since
-uint256 does not fit in 64-bit integers). Back-ends only provide a connection.
+``Ledger`` holds the schema and every read (portable SQL: no vendor types, amounts as decimal
+strings since uint256 does not fit in 64-bit integers); back-ends provide a connection. What
+changes a payment's status or a budget is ``scrapy_x402.payments.PaymentBook``.
 """
 
 from __future__ import annotations
 
 from scrapy_x402.ledger._base import (
+    TOTAL_KEY,
     HeldPayment,
     InDoubt,
     Ledger,
     OwedTotal,
     PaymentRecord,
+    SchemaTooNew,
     Settlement,
     StatementLine,
     Status,
@@ -32,12 +35,14 @@ def open_ledger(uri: str) -> Ledger:
 
 
 __all__ = [
+    "TOTAL_KEY",
     "HeldPayment",
     "InDoubt",
     "Ledger",
     "OwedTotal",
     "PaymentRecord",
     "SQLiteLedger",
+    "SchemaTooNew",
     "Settlement",
     "StatementLine",
     "Status",

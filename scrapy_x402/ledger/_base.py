@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-import time
 from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from typing import Any
 
 
@@ -22,6 +21,9 @@ class Status:
     SETTLED = "settled"  # paid on-chain
 
     COUNTED = (RESERVED, ACCEPTED, HELD, SETTLING, SETTLED)  # what budgets count as spent
+
+
+TOTAL_KEY = "*"  # the budget row of X402_MAX_TOTAL
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,12 @@ class SummaryRow:
     usd: Decimal = Decimal(0)
 
 
+SCHEMA_VERSION = 2
 SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS x402_meta (
+        name VARCHAR(64) PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
     """CREATE TABLE IF NOT EXISTS x402_payments (
         id VARCHAR(66) PRIMARY KEY,
         run_id VARCHAR(64) NOT NULL,
@@ -135,10 +142,20 @@ SCHEMA = [
         payload TEXT NOT NULL,
         receipt TEXT,
         reason TEXT,
-        settlement_id VARCHAR(66)
+        settlement_id VARCHAR(66),
+        counted BIGINT NOT NULL DEFAULT 0
+    )""",
+    # What each budget of a run has counted (reserved, owed, held or paid), in COUNT_UNITS:
+    # the store enforces budgets with a conditional update of these rows.
+    """CREATE TABLE IF NOT EXISTS x402_budgets (
+        run_id VARCHAR(64) NOT NULL,
+        budget_key VARCHAR(255) NOT NULL,
+        spent BIGINT NOT NULL,
+        PRIMARY KEY (run_id, budget_key)
     )""",
     "CREATE INDEX IF NOT EXISTS x402_payments_owed ON x402_payments (status, network, asset, payee)",
-    "CREATE INDEX IF NOT EXISTS x402_payments_run ON x402_payments (run_id)",
+    "CREATE INDEX IF NOT EXISTS x402_payments_run ON x402_payments (run_id, status, valid_until)",
+    "CREATE INDEX IF NOT EXISTS x402_payments_settlement ON x402_payments (settlement_id)",
     """CREATE TABLE IF NOT EXISTS x402_settlements (
         id VARCHAR(66) PRIMARY KEY,
         created_at BIGINT NOT NULL,
@@ -155,6 +172,17 @@ SCHEMA = [
         reason TEXT
     )""",
 ]
+COUNT_UNITS = 10**9  # budgets count nano-USD: integers, so the store can compare them
+
+
+def counted_units(usd: Decimal) -> int:
+    """What a payment of ``usd`` counts against a budget: rounded up, never down."""
+    return int((usd * COUNT_UNITS).to_integral_value(rounding=ROUND_CEILING))
+
+
+class SchemaTooNew(Exception):
+    pass
+
 
 _SETTLEMENT_COLUMNS = (
     "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason"
@@ -162,155 +190,119 @@ _SETTLEMENT_COLUMNS = (
 
 
 class Ledger(ABC):
-    """Portable SQL over a DB-API connection with ``?`` placeholders."""
+    """The store: a DB-API connection with ``?`` placeholders, its schema, and every read.
+
+    Writes of payment status and budgets belong to ``scrapy_x402.payments.PaymentBook``;
+    they run inside ``transaction()``. Safe to share between threads: one at a time.
+    """
 
     @abstractmethod
-    def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        """Run one statement and return its cursor."""
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run one statement (inside a transaction, for writes) and return its cursor."""
+
+    @abstractmethod
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one read and return all its rows."""
 
     @abstractmethod
     @contextmanager
-    def _transaction(self) -> Iterator[None]:
-        """Group statements atomically (and durably on exit)."""
+    def transaction(self) -> Iterator[None]:
+        """Group statements atomically and durably; nested, a savepoint of the outer one."""
 
     @abstractmethod
     def close(self) -> None:
-        """Commit what is pending and close."""
-
-    @abstractmethod
-    def _begin_batch(self) -> None:
-        """Open (or keep open) the transaction that batched adds go into."""
-
-    @property
-    @abstractmethod
-    def pending(self) -> bool:
-        """Whether batched adds wait for ``commit()``."""
-
-    @abstractmethod
-    def commit(self) -> None:
-        """Make batched adds durable, all at once."""
+        """Close the connection."""
 
     def _create_schema(self) -> None:
-        with self._transaction():
+        with self.transaction():
+            version = self._version()
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"this ledger was written by a newer scrapy-x402 (schema {version}, "
+                    f"this one knows {SCHEMA_VERSION}); upgrade scrapy-x402 to use it"
+                )
+            if version == 1:
+                self.execute(
+                    "ALTER TABLE x402_payments ADD COLUMN counted BIGINT NOT NULL DEFAULT 0"
+                )
             for statement in SCHEMA:
-                self._execute(statement)
+                self.execute(statement)
+            if version == 1:
+                self._count_v1_payments()
+            if version < SCHEMA_VERSION:
+                self.execute("DELETE FROM x402_meta WHERE name = 'schema_version'")
+                self.execute(
+                    "INSERT INTO x402_meta (name, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
 
-    # -- payments ------------------------------------------------------------------
+    def _version(self) -> int:
+        """0: a new ledger; 1: written before budgets were counted in the store."""
+        try:
+            rows = self.query("SELECT value FROM x402_meta WHERE name = 'schema_version'")
+        except Exception:  # no x402_meta table
+            rows = []
+        if rows:
+            return int(rows[0][0])
+        try:
+            self.query("SELECT id FROM x402_payments LIMIT 1")
+        except Exception:
+            return 0
+        return 1
 
-    def add(self, p: PaymentRecord, *, commit: bool = True) -> None:
-        """Record a reserved payment: durably now, or (``commit=False``) at the next commit."""
-        now = int(time.time())
-        if commit:
-            with self._transaction():
-                self._insert(p, now)
-        else:
-            self._begin_batch()
-            self._insert(p, now)
-
-    @contextmanager
-    def _batched(self) -> Iterator[None]:
-        self._begin_batch()
-        yield
-
-    def _insert(self, p: PaymentRecord, now: int) -> None:
-        self._execute(
-            "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
-            "network, asset, payer, payee, amount, usd, domain, budget_key, url, valid_until, "
-            "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                p.id,
-                p.run_id,
-                now,
-                now,
-                Status.RESERVED,
-                p.scheme,
-                p.network,
-                p.asset,
-                p.payer,
-                p.payee,
-                str(p.amount),
-                str(p.usd),
-                p.domain,
-                p.budget_key,
-                p.url,
-                p.valid_until,
-                json.dumps(p.payload, sort_keys=True),
-            ),
-        )
-
-    def resolve(
-        self,
-        payment_id: str,
-        status: str,
-        *,
-        receipt: dict[str, Any] | None = None,
-        reason: str | None = None,
-        transaction: str | None = None,
-        amount: int | None = None,
-        usd: Decimal | None = None,
-        current: str = Status.RESERVED,
-        commit: bool = True,
-    ) -> bool:
-        """Move a payment on from ``current``; False if it was not in that status.
-
-        ``transaction`` is the hash of the transaction that paid it, when it was paid
-        immediately (exact) rather than by a settlement of ours; ``amount`` and ``usd`` what
-        was charged, when less than signed (upto). ``commit=False`` leaves it to the next
-        ``commit()``, like a batched ``add``.
-        """
-        with self._transaction() if commit else self._batched():
-            cursor = self._execute(
-                "UPDATE x402_payments SET status = ?, receipt = COALESCE(?, receipt), "
-                "reason = ?, settlement_id = COALESCE(?, settlement_id), "
-                "amount = COALESCE(?, amount), usd = COALESCE(?, usd), updated_at = ? "
-                "WHERE id = ? AND status = ?",
-                (
-                    status,
-                    json.dumps(receipt, sort_keys=True) if receipt is not None else None,
-                    reason,
-                    transaction,
-                    str(amount) if amount is not None else None,
-                    str(usd) if usd is not None else None,
-                    int(time.time()),
-                    payment_id,
-                    current,
-                ),
+    def _count_v1_payments(self) -> None:
+        """Schema 1 kept budgets in memory: count its payments into x402_budgets once."""
+        placeholders = ", ".join("?" for _ in Status.COUNTED)
+        spent: dict[tuple[str, str], int] = defaultdict(int)
+        for pid, run_id, key, usd in self.query(
+            f"SELECT id, run_id, budget_key, usd FROM x402_payments WHERE status IN ({placeholders})",
+            Status.COUNTED,
+        ):
+            units = counted_units(Decimal(usd))
+            self.execute("UPDATE x402_payments SET counted = ? WHERE id = ?", (units, pid))
+            spent[(run_id, key)] += units
+            spent[(run_id, TOTAL_KEY)] += units
+        for (run_id, key), units in spent.items():
+            self.execute(
+                "INSERT INTO x402_budgets (run_id, budget_key, spent) VALUES (?, ?, ?)",
+                (run_id, key, units),
             )
-            return bool(cursor.rowcount == 1)
 
-    def expired_holds(self, run_id: str, now: int) -> list[HeldPayment]:
-        """A run's held payments whose signatures can no longer be collected."""
-        return [
-            HeldPayment(r[0], r[1], r[2], Decimal(r[3]), r[4], r[5], r[6], json.loads(r[7]))
-            for r in self._execute(
-                "SELECT id, scheme, budget_key, usd, network, asset, payer, payload "
-                "FROM x402_payments "
-                "WHERE run_id = ? AND status = ? AND valid_until < ?",
-                (run_id, Status.HELD, now),
-            )
-        ]
+    # -- reads -----------------------------------------------------------------------
 
     def get_status(self, payment_id: str) -> str | None:
-        row = self._execute(
-            "SELECT status FROM x402_payments WHERE id = ?", (payment_id,)
-        ).fetchone()
-        return row[0] if row else None
+        rows = self.query("SELECT status FROM x402_payments WHERE id = ?", (payment_id,))
+        return rows[0][0] if rows else None
 
     def spent_by_budget(self, run_id: str) -> dict[str, Decimal]:
-        """USD counted against each budget by one run (reserved, owed or paid)."""
-        placeholders = ", ".join("?" for _ in Status.COUNTED)
-        spent: dict[str, Decimal] = defaultdict(Decimal)
-        for key, usd in self._execute(
-            f"SELECT budget_key, usd FROM x402_payments WHERE run_id = ? AND status IN ({placeholders})",
-            (run_id, *Status.COUNTED),
-        ):
-            spent[key] += Decimal(usd)
-        return dict(spent)
+        """USD counted against each budget of one run (reserved, owed, held or paid)."""
+        return {
+            key: Decimal(spent) / COUNT_UNITS
+            for key, spent in self.query(
+                "SELECT budget_key, spent FROM x402_budgets WHERE run_id = ? AND budget_key != ?",
+                (run_id, TOTAL_KEY),
+            )
+            if spent
+        }
+
+    def expired_holds(self, run_id: str | None, now: int) -> list[HeldPayment]:
+        """Held payments (of one run, or all) whose signatures can no longer be collected."""
+        sql = (
+            "SELECT id, scheme, budget_key, usd, network, asset, payer, payload "
+            "FROM x402_payments WHERE status = ? AND valid_until < ?"
+        )
+        params: list[Any] = [Status.HELD, now]
+        if run_id is not None:
+            sql, params = sql + " AND run_id = ?", [*params, run_id]
+        return [
+            HeldPayment(r[0], r[1], r[2], Decimal(r[3]), r[4], r[5], r[6], json.loads(r[7]))
+            for r in self.query(sql, params)
+        ]
 
     def owed(self, payer: str) -> list[OwedTotal]:
         """Accepted payments not yet in a settlement, totalled per (network, asset, payee)."""
         groups: dict[tuple[str, str, str], list[tuple[str, int]]] = defaultdict(list)
-        for pid, network, asset, payee, amount in self._execute(
+        for pid, network, asset, payee, amount in self.query(
             "SELECT id, network, asset, payee, amount FROM x402_payments "
             "WHERE payer = ? AND status = ? AND settlement_id IS NULL ORDER BY id",
             (payer, Status.ACCEPTED),
@@ -335,7 +327,7 @@ class Ledger(ABC):
             sql, params = sql + " AND valid_until < ?", [*params, expired_before]
         return [
             InDoubt(r[0], r[1], r[2], r[3], Decimal(r[4]))
-            for r in self._execute(sql + " ORDER BY id", params)
+            for r in self.query(sql + " ORDER BY id", params)
         ]
 
     def summary(self, run_id: str | None = None) -> list[SummaryRow]:
@@ -345,15 +337,13 @@ class Ledger(ABC):
         if run_id is not None:
             sql, params = sql + " WHERE run_id = ?", (run_id,)
         rows: dict[tuple[str, ...], SummaryRow] = {}
-        for *key_fields, amount, usd in self._execute(sql, params):
+        for *key_fields, amount, usd in self.query(sql, params):
             key = tuple(key_fields)
             row = rows.setdefault(key, SummaryRow(*key))
             row.count += 1
             row.amount += int(amount)
             row.usd += Decimal(usd)
         return [rows[k] for k in sorted(rows)]
-
-    # -- invoiced networks (Cloudflare) -------------------------------------------------
 
     def statement(self, network: str, start: int, end: int) -> list[StatementLine]:
         """What was charged on an invoiced network between two unix times (owed or settled)."""
@@ -369,88 +359,13 @@ class Ledger(ABC):
                 json.loads(r[7]) if r[7] else {},
                 r[8],
             )
-            for r in self._execute(
+            for r in self.query(
                 "SELECT id, created_at, domain, url, amount, usd, status, receipt, settlement_id "
                 "FROM x402_payments WHERE network = ? AND status IN (?, ?) "
                 "AND created_at >= ? AND created_at < ? ORDER BY created_at, id",
                 (network, Status.ACCEPTED, Status.SETTLED, start, end),
             )
         ]
-
-    def settle_by_invoice(self, network: str, start: int, end: int, invoice: str) -> int:
-        """Mark a period's owed payments on an invoiced network settled by ``invoice``."""
-        with self._transaction():
-            return int(
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
-                    "WHERE network = ? AND status = ? AND created_at >= ? AND created_at < ?",
-                    (
-                        Status.SETTLED,
-                        f"invoice:{invoice}",
-                        int(time.time()),
-                        network,
-                        Status.ACCEPTED,
-                        start,
-                        end,
-                    ),
-                ).rowcount
-            )
-
-    # -- settlements ----------------------------------------------------------------
-
-    def begin_settlement(self, s: Settlement, payment_ids: Sequence[str]) -> None:
-        """Record a signed, not yet broadcast transfer and the payments it covers."""
-        now = int(time.time())
-        with self._transaction():
-            self._execute(
-                f"INSERT INTO x402_settlements ({_SETTLEMENT_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    s.id,
-                    s.network,
-                    s.asset,
-                    s.payer,
-                    s.payee,
-                    str(s.amount),
-                    s.payment_count,
-                    "pending",
-                    s.raw_tx,
-                    s.tx_nonce,
-                    None,
-                    now,
-                    now,
-                ),
-            )
-            for pid in payment_ids:
-                cursor = self._execute(
-                    "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
-                    "WHERE id = ? AND status = ? AND settlement_id IS NULL",
-                    (Status.SETTLING, s.id, now, pid, Status.ACCEPTED),
-                )
-                if cursor.rowcount != 1:
-                    raise RuntimeError(f"payment {pid} is no longer owed; settlement aborted")
-
-    def finish_settlement(
-        self, settlement_id: str, confirmed: bool, reason: str | None = None
-    ) -> None:
-        """Confirmed: its payments are settled. Failed: they are owed again."""
-        now = int(time.time())
-        with self._transaction():
-            self._execute(
-                "UPDATE x402_settlements SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
-                ("confirmed" if confirmed else "failed", reason, now, settlement_id),
-            )
-            if confirmed:
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, updated_at = ? WHERE settlement_id = ?",
-                    (Status.SETTLED, now, settlement_id),
-                )
-            else:
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, settlement_id = NULL, updated_at = ? "
-                    "WHERE settlement_id = ?",
-                    (Status.ACCEPTED, now, settlement_id),
-                )
 
     def settlements(self, status: str | None = None) -> list[Settlement]:
         sql = f"SELECT {_SETTLEMENT_COLUMNS} FROM x402_settlements"
@@ -459,13 +374,13 @@ class Ledger(ABC):
             sql, params = sql + " WHERE status = ?", (status,)
         return [
             Settlement(r[0], r[1], r[2], r[3], r[4], int(r[5]), *r[6:])
-            for r in self._execute(sql + " ORDER BY created_at, id", params)
+            for r in self.query(sql + " ORDER BY created_at, id", params)
         ]
 
     def payment_ids(self, settlement_id: str) -> list[str]:
         return [
             r[0]
-            for r in self._execute(
+            for r in self.query(
                 "SELECT id FROM x402_payments WHERE settlement_id = ? ORDER BY id", (settlement_id,)
             )
         ]

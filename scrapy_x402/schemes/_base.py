@@ -36,6 +36,12 @@ class Scheme(Protocol):
     def refusal(self, offer: Offer) -> str | None:
         """Why this scheme cannot pay ``offer``, or None when it can."""
 
+    async def prepare(self, offer: Offer) -> None:
+        """Read what ``refusal`` needs to know about ``offer`` from the chain (off the reactor)."""
+
+    def discard(self, offer: Offer) -> None:
+        """A signature for ``offer`` was never sent: give back what signing it took."""
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment: ...
@@ -60,6 +66,12 @@ class Scheme(Protocol):
 
 class X402Scheme:
     """Schemes paid with an x402 payment header (v2 PAYMENT-SIGNATURE, v1 X-PAYMENT)."""
+
+    async def prepare(self, offer: Offer) -> None:
+        return None
+
+    def discard(self, offer: Offer) -> None:
+        return None
 
     def headers(
         self,

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from eth_account.messages import encode_typed_data
+from scrapy.utils.defer import maybe_deferred_to_future
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 from web3 import Web3
 
 from scrapy_x402._chain import PERMIT2, ChainReader, permit2_nonce_used, token_allowance
+from scrapy_x402._redact import redact
 from scrapy_x402.schemes._base import SignedPayment, hex0x
 
 logger = logging.getLogger(__name__)
@@ -87,25 +92,56 @@ def sign_permit2(
 
 class Permit2Allowances:
     """What the wallet has allowed Permit2 to move, per (network, token): read from the chain
-    once, then reduced by every Permit2 payment signed in this crawl."""
+    once (in a thread), then reduced by every Permit2 payment signed in this crawl and given
+    back for those never sent. A read that fails is not retried for RETRY_AFTER seconds:
+    meanwhile those offers are refused, each refusal counted, without a chain call."""
 
     UNLIMITED = 2**255  # an `approve(max)` is treated as never running out
+    RETRY_AFTER = 60.0
 
     def __init__(self, chain: ChainReader, payer: str):
         self.chain = chain
         self.payer = payer
         self._left: dict[tuple[str, str], int] = {}
+        self._failed: dict[tuple[str, str], float] = {}  # when a read last failed
+        self._reading: dict[tuple[str, str], Deferred[None]] = {}
         self._warned: set[tuple[str, str]] = set()
+
+    async def load(self, network: str, token: str) -> None:
+        """Read the allowance, unless known, being read, or failed less than RETRY_AFTER ago."""
+        key = (network, token)
+        if key in self._left or time.monotonic() - self._failed.get(key, -1e9) < self.RETRY_AFTER:
+            return
+        if key not in self._reading:
+            self._reading[key] = deferToThread(self._read, key)
+        waiter: Deferred[None] = Deferred()
+        self._reading[key].addBoth(lambda _: waiter.callback(None))
+        await maybe_deferred_to_future(waiter)
+
+    def _read(self, key: tuple[str, str]) -> None:
+        try:
+            w3 = self.chain.get(key[0])
+            if w3 is not None:
+                self._left[key] = token_allowance(w3, key[1], self.payer, PERMIT2)
+        except Exception as e:
+            self._failed[key] = time.monotonic()
+            logger.warning(
+                "x402: cannot read the wallet's Permit2 allowance for %s on %s (%s); "
+                "Permit2 offers there are refused for %d s",
+                key[1],
+                key[0],
+                redact(str(e), self.chain.rpc_urls.values()),
+                self.RETRY_AFTER,
+            )
+        finally:
+            self._reading.pop(key, None)
 
     def refusal(self, network: str, token: str, amount: int) -> str | None:
         key = (network, token)
+        if network not in self.chain.rpc_urls:
+            return self._refuse(key, "permit2_no_rpc", f"X402_RPC_URLS has no URL for {network}")
         if key not in self._left:
-            w3 = self.chain.get(network)
-            if w3 is None:
-                return self._refuse(
-                    key, "permit2_no_rpc", f"X402_RPC_URLS has no URL for {network}"
-                )
-            self._left[key] = token_allowance(w3, token, self.payer, PERMIT2)
+            return "permit2_allowance_unknown"  # the read failed (or was never made)
         if self._left[key] < amount:
             return self._refuse(
                 key,
@@ -118,6 +154,10 @@ class Permit2Allowances:
     def spend(self, network: str, token: str, amount: int) -> None:
         if self._left[(network, token)] < self.UNLIMITED:
             self._left[(network, token)] -= amount
+
+    def give_back(self, network: str, token: str, amount: int) -> None:
+        if (network, token) in self._left and self._left[(network, token)] < self.UNLIMITED:
+            self._left[(network, token)] += amount
 
     def _refuse(self, key: tuple[str, str], reason: str, why: str) -> str:
         if key not in self._warned:

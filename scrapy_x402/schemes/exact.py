@@ -105,11 +105,24 @@ def _uses_permit2(offer: Offer) -> bool:
 
 class ExactScheme(X402Scheme):
     name = "exact"
+
+    @staticmethod
+    def _uses_permit2(offer: Offer) -> bool:
+        return _uses_permit2(offer)
+
     held_until_expiry = True
     needs_wallet = True
 
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2
+
+    async def prepare(self, offer: Offer) -> None:
+        if self.permit2 is not None and self._uses_permit2(offer):
+            await self.permit2.load(offer.network, offer.asset)
+
+    def discard(self, offer: Offer) -> None:
+        if self.permit2 is not None and self._uses_permit2(offer):
+            self.permit2.give_back(offer.network, offer.asset, offer.amount)
 
     def refusal(self, offer: Offer) -> str | None:
         if evm_chain_id(offer.network) is None:

@@ -36,6 +36,12 @@ class PayPerCrawlScheme:
     def refusal(self, offer: Offer) -> str | None:
         return cloudflare_refusal(offer, self.identity)
 
+    async def prepare(self, offer: Offer) -> None:
+        return None
+
+    def discard(self, offer: Offer) -> None:
+        return None
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment:
