@@ -254,7 +254,11 @@ class X402SigningMiddleware:
 
     async def process_request(self, request: Request) -> None:
         meta = request.meta
-        if meta.get("_x402_internal") or meta.get("x402_dont_pay"):
+        if meta.get("_x402_internal"):
+            return
+        if not self.session.doubt_resolved:
+            await self.session.resolve_in_doubt()
+        if meta.get("x402_dont_pay"):
             return
         if is_paid(request):
             if meta.get("_x402_signed_in") != self.session.process_id:

@@ -288,7 +288,6 @@ class Payer:
     async def resend(self, request: Request) -> None:
         """A payment signed by an earlier process of this run (a resumed JOBDIR queue): sent
         only if the book still counts it, or can count it again."""
-        await self.session.resolve_in_doubt()
         payment_id = request.meta["_x402_payment"]
         key = self.session.budgets.key_for(urlparse_cached(request).hostname or "")
         try:

@@ -67,7 +67,10 @@ class X402Session:
         self.ledger = LedgerThread(self.store)  # every store call of the crawl goes there
         # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
         # what it already spent.
-        self.run_id = _run_id(config.jobdir)
+        self.run_id, resumed = _run_id(config.jobdir)
+        # What an earlier process of this run left in doubt is resolved before this one
+        # sends any request (its budget may come back).
+        self.doubt_resolved = not resumed
         # Marks the payments this process signed: any other found on a request was signed
         # before a resume, and is sent again only if the book agrees.
         self.process_id = uuid.uuid4().hex
@@ -133,6 +136,8 @@ class X402Session:
         except Exception:  # they stay in doubt, and counted
             logger.exception("x402: cannot resolve the payments in doubt of this run")
             return resolution
+        finally:
+            self.doubt_resolved = True
         logger.info(
             "x402: payments in doubt from an earlier process of this run: %d served (owed), "
             "%d not served (released), %d held until they expire, %d still unknown",
@@ -208,13 +213,14 @@ class X402Session:
         return verdicts
 
 
-def _run_id(jobdir: str | None) -> str:
+def _run_id(jobdir: str | None) -> tuple[str, bool]:
+    """This crawl's run id, and whether it resumes an earlier process's run."""
     if not jobdir:
-        return uuid.uuid4().hex
+        return uuid.uuid4().hex, False
     path = Path(jobdir) / RUN_ID_FILE
     if path.exists():
-        return path.read_text().strip()
+        return path.read_text().strip(), True
     path.parent.mkdir(parents=True, exist_ok=True)
     run_id = uuid.uuid4().hex
     path.write_text(run_id)
-    return run_id
+    return run_id, False

@@ -47,9 +47,7 @@ def rows(settings: dict[str, Any]) -> list[tuple[Any, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
         return list(
-            ledger.query(
-                "SELECT scheme, network, status, amount, usd, reason FROM x402_payments"
-            )
+            ledger.query("SELECT scheme, network, status, amount, usd, reason FROM x402_payments")
         )
     finally:
         ledger.close()

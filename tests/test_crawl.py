@@ -45,9 +45,7 @@ def ledger_rows(settings: dict[str, Any]) -> list[tuple[str, ...]]:
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     try:
         return list(
-            ledger.query(
-                "SELECT id, status, payee, amount, url, settlement_id FROM x402_payments"
-            )
+            ledger.query("SELECT id, status, payee, amount, url, settlement_id FROM x402_payments")
         )
     finally:
         ledger.close()

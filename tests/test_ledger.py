@@ -1,9 +1,17 @@
+"""The store and the PaymentBook: every transition, budgets enforced by the store, and the
+schema's versions."""
+
+import sqlite3
 from dataclasses import replace
 from decimal import Decimal
 
 import pytest
 
-from scrapy_x402.ledger import PaymentRecord, Settlement, Status, open_ledger
+from scrapy_x402.ledger import PaymentRecord, SchemaTooNew, Settlement, Status, open_ledger
+from scrapy_x402.ledger._base import TOTAL_KEY
+from scrapy_x402.payments import TRANSITIONS, Limits, PaymentBook
+
+PLENTY = Limits(Decimal(100), None)
 
 
 @pytest.fixture
@@ -13,11 +21,16 @@ def ledger(tmp_path):
     ledger.close()
 
 
-def record(n, payee="0xP1", run="r1", usd="0.01", key="a.example"):
+@pytest.fixture
+def book(ledger):
+    return PaymentBook(ledger)
+
+
+def record(n, payee="0xP1", run="r1", usd="0.01", key="a.example", scheme="deferred"):
     return PaymentRecord(
         id=f"0x{n:064x}",
         run_id=run,
-        scheme="deferred",
+        scheme=scheme,
         network="eip155:31337",
         asset="0xT",
         payer="0xME",
@@ -32,13 +45,14 @@ def record(n, payee="0xP1", run="r1", usd="0.01", key="a.example"):
     )
 
 
-def test_lifecycle_and_what_budgets_count(ledger):
+def test_lifecycle_and_what_budgets_count(book, ledger):
     for n in range(5):
-        ledger.add(record(n))
-    assert ledger.resolve(record(0).id, Status.ACCEPTED, receipt={"ok": 1})
-    assert ledger.resolve(record(1).id, Status.REJECTED, reason="insufficient_funds")
-    assert ledger.resolve(record(2).id, Status.FAILED, reason="http_500")
-    assert not ledger.resolve(record(0).id, Status.REJECTED)  # only from reserved
+        assert book.reserve(record(n), PLENTY) is None
+    assert book.confirm(record(0).id, Status.ACCEPTED, receipt={"ok": 1})
+    assert book.not_served(record(1).id, "insufficient_funds", refused=True) == Status.REJECTED
+    assert book.not_served(record(2).id, "http_500") == Status.FAILED
+    assert not book.confirm(record(1).id, Status.ACCEPTED)  # refused: never served after
+    assert book.invalid_transitions == 1
     # reserved (3, 4) and accepted (0) count; refused ones do not
     assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.03")}
     assert ledger.spent_by_budget("other-run") == {}
@@ -47,10 +61,56 @@ def test_lifecycle_and_what_budgets_count(ledger):
     assert len(ledger.in_doubt(expired_before=2)) == 2
 
 
-def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(ledger):
+def test_the_store_refuses_a_reservation_beyond_the_budget_or_the_total(book, ledger):
+    tight = Limits(Decimal("0.03"), Decimal("0.05"))
+    assert [book.reserve(record(n), tight) for n in range(4)] == [None, None, None, "a.example"]
+    assert ledger.get_status(record(3).id) is None  # refused: not recorded at all
+    assert book.reserve(record(10, key="b.example"), tight) is None  # total 0.04
+    assert book.reserve(record(11, key="b.example", usd="0.02"), tight) == TOTAL_KEY
+    assert book.not_served(record(0).id, "http_404") == Status.FAILED  # released
+    assert book.reserve(record(12, key="b.example"), tight) is None
+    assert ledger.spent_by_budget("r1") == {
+        "a.example": Decimal("0.02"),
+        "b.example": Decimal("0.02"),
+    }
+
+
+def test_upto_counts_what_was_charged(book, ledger):
+    assert book.reserve(record(0, scheme="upto", usd="0.01"), PLENTY) is None
+    assert book.confirm(record(0).id, Status.SETTLED, amount=4, usd=Decimal("0.004"))
+    assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.004")}
+
+
+def test_held_payments_are_counted_until_they_expire_or_are_collected(book, ledger):
+    for n in range(3):
+        book.reserve(record(n, scheme="exact"), PLENTY)
+        assert book.not_served(record(n).id, "refused", refused=True) == Status.HELD
+    assert book.not_served(record(0).id, "again") == Status.HELD  # sent again, not served
+    assert book.expire(record(0).id, "expired uncollected")
+    assert book.collected(record(1).id, "collected anyway")
+    assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.02")}
+    assert not book.expire(record(1).id, "settled: cannot expire")
+
+
+def test_resend_of_a_resumed_payment(book, ledger):
+    tight = Limits(Decimal("0.02"), None)
+    book.reserve(record(0), tight)
+    book.reserve(record(1, scheme="exact"), tight)
+    assert book.resend(record(0).id, tight)  # still reserved: counted once
+    book.not_served(record(1).id, "in doubt after a crash")  # held
+    assert book.resend(record(1).id, tight)  # held: still counted, may go
+    assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.02")}
+    book.not_served(record(0).id, "not served")  # released...
+    assert book.reserve(record(2), tight) is None  # ...and taken by another page
+    assert not book.resend(record(0).id, tight)  # no room: it must not leave
+    assert ledger.get_status(record(0).id) == Status.FAILED
+    assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.02")}
+
+
+def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(book, ledger):
     for n, payee in enumerate(["0xP1", "0xP2", "0xP1"]):
-        ledger.add(record(n, payee))
-        ledger.resolve(record(n).id, Status.ACCEPTED)
+        book.reserve(record(n, payee), PLENTY)
+        book.confirm(record(n).id, Status.ACCEPTED)
     owed = ledger.owed("0xME")
     assert [(o.payee, o.amount, len(o.payment_ids)) for o in owed] == [
         ("0xP1", 2 * 10**30 + 2, 2),
@@ -59,10 +119,10 @@ def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(ledger):
     assert ledger.owed("0xSOMEONE_ELSE") == []
 
 
-def test_settlement_confirm_and_fail(ledger):
+def test_settlement_confirm_and_fail(book, ledger):
     for n in range(2):
-        ledger.add(record(n))
-        ledger.resolve(record(n).id, Status.ACCEPTED)
+        book.reserve(record(n), PLENTY)
+        book.confirm(record(n).id, Status.ACCEPTED)
     owed = ledger.owed("0xME")[0]
     s = Settlement(
         "0xTX1",
@@ -76,23 +136,78 @@ def test_settlement_confirm_and_fail(ledger):
         "0xRAW",
         7,
     )
-    ledger.begin_settlement(s, owed.payment_ids)
+    assert book.settle_begin(s, owed.payment_ids)
     assert ledger.owed("0xME") == []
     assert [x.id for x in ledger.settlements("pending")] == ["0xTX1"]
-    with pytest.raises(
-        RuntimeError, match="no longer owed"
-    ):  # never two settlements for one payment
-        ledger.begin_settlement(replace(s, id="0xTX2"), owed.payment_ids)
-    ledger.finish_settlement("0xTX1", confirmed=False, reason="reverted")
+    assert not book.settle_begin(replace(s, id="0xTX2"), owed.payment_ids)  # never two
+    book.settle_end("0xTX1", confirmed=False, reason="reverted")
     assert ledger.owed("0xME")[0].payment_ids == owed.payment_ids  # owed again
-    ledger.begin_settlement(replace(s, id="0xTX3"), owed.payment_ids)
-    ledger.finish_settlement("0xTX3", confirmed=True)
+    assert book.settle_begin(replace(s, id="0xTX3"), owed.payment_ids)
+    book.settle_end("0xTX3", confirmed=True)
     assert {ledger.get_status(i) for i in owed.payment_ids} == {Status.SETTLED}
     # The refused 0xTX2 was rolled back whole.
     assert [(x.id, x.status) for x in ledger.settlements()] == [
         ("0xTX1", "failed"),
         ("0xTX3", "confirmed"),
     ]
+    assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.02")}
+
+
+def test_every_declared_transition_has_a_budget_effect():
+    assert set(TRANSITIONS.values()) <= {"reserve", "charge", "keep", "release"}
+
+
+def test_a_schema_1_ledger_is_migrated_with_its_budgets(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    columns = (
+        "id, run_id, created_at, updated_at, status, scheme, network, asset, payer, payee, "
+        "amount, usd, domain, budget_key, url, valid_until, payload, receipt, reason, settlement_id"
+    )
+    conn.execute(f"CREATE TABLE x402_payments ({columns})")
+    for n, status in enumerate([Status.ACCEPTED, Status.RESERVED, Status.FAILED]):
+        conn.execute(
+            f"INSERT INTO x402_payments ({columns}) VALUES "
+            "(?, 'r1', 0, 0, ?, 'deferred', 'n', 'a', 'me', 'p', '10', '0.01', 'd', 'd', 'u', 0, '{}', "
+            "NULL, NULL, NULL)",
+            (f"0x{n}", status),
+        )
+    conn.commit()
+    conn.close()
+    ledger = open_ledger(str(path))
+    assert ledger.spent_by_budget("r1") == {"d": Decimal("0.02")}
+    book = PaymentBook(ledger)
+    assert book.not_served("0x1", "never served") == Status.FAILED
+    assert ledger.spent_by_budget("r1") == {"d": Decimal("0.01")}
+    ledger.close()
+    ledger = open_ledger(str(path))  # opened again: counted once, not twice
+    assert ledger.spent_by_budget("r1") == {"d": Decimal("0.01")}
+    ledger.execute("UPDATE x402_meta SET value = '99' WHERE name = 'schema_version'")
+    ledger.close()
+    with pytest.raises(SchemaTooNew, match="newer scrapy-x402"):
+        open_ledger(str(path))
+
+
+def test_a_failed_commit_leaves_no_transaction_open(book, ledger, monkeypatch):
+    real = ledger._conn
+    fail = {"commit": True}
+
+    class FlakyConnection:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def execute(self, sql, *args):
+            if sql == "COMMIT" and fail.pop("commit", False):
+                raise sqlite3.OperationalError("disk I/O error")
+            return real.execute(sql, *args)
+
+    monkeypatch.setattr(ledger, "_conn", FlakyConnection())
+    with pytest.raises(sqlite3.OperationalError):
+        book.reserve(record(0), PLENTY)
+    assert not real.in_transaction
+    assert ledger.get_status(record(0).id) is None  # nothing of it was kept
+    assert book.reserve(record(1), PLENTY) is None  # and the next one is recorded
+    assert ledger.get_status(record(1).id) == Status.RESERVED
 
 
 def test_unsupported_uri_is_refused():

@@ -11,6 +11,7 @@ from eth_account import Account
 from scrapy_x402._assets import AssetTable
 from scrapy_x402._settlement import Settler
 from scrapy_x402.ledger import PaymentRecord, Status, open_ledger
+from scrapy_x402.payments import Limits, PaymentBook
 
 
 @pytest.fixture
@@ -24,32 +25,35 @@ def owe(ledger, payer, token, payee, amount, count=1):
     ids = []
     for _ in range(count):
         pid = "0x" + os.urandom(32).hex()
-        ledger.add(
-            PaymentRecord(
-                pid,
-                "run",
-                "deferred",
-                "eip155:31337",
-                token.address,
-                payer.address,
-                payee,
-                amount,
-                Decimal(amount) / 10**6,
-                "a.example",
-                "a.example",
-                "http://a.example/",
-                {},
-                0,
-            )
+        book = PaymentBook(ledger)
+        record = PaymentRecord(
+            pid,
+            "run",
+            "deferred",
+            "eip155:31337",
+            token.address,
+            payer.address,
+            payee,
+            amount,
+            Decimal(amount) / 10**6,
+            "a.example",
+            "a.example",
+            "http://a.example/",
+            {},
+            0,
         )
-        ledger.resolve(pid, Status.ACCEPTED, receipt={})
+        assert book.reserve(record, Limits(Decimal(10**9), None)) is None
+        assert book.confirm(pid, Status.ACCEPTED, receipt={})
         ids.append(pid)
     return ids
 
 
 def settler(ledger, payer, chain, token, rpc=None):
     return Settler(
-        ledger, payer, {"eip155:31337": rpc or chain.url}, AssetTable(token.asset_setting())
+        PaymentBook(ledger),
+        payer,
+        {"eip155:31337": rpc or chain.url},
+        AssetTable(token.asset_setting()),
     )
 
 
@@ -90,7 +94,7 @@ def test_crash_after_broadcast_before_recording_pays_once(ledger, payer, chain, 
     s = settler(ledger, payer, chain, token)
     owed = ledger.owed(payer.address)[0]
     settlement = s._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(settlement, owed.payment_ids)
+    PaymentBook(ledger).settle_begin(settlement, owed.payment_ids)
     chain.w3.eth.send_raw_transaction(settlement.raw_tx)
     # ...the process dies here. A new run reads the chain instead of paying again.
     outcomes = settler(ledger, payer, chain, token).settle()
@@ -105,7 +109,7 @@ def test_crash_before_broadcast_rebroadcasts_the_same_transaction(
     owe(ledger, payer, token, payees[0], 2_000)
     owed = ledger.owed(payer.address)[0]
     settlement = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(settlement, owed.payment_ids)  # recorded, never sent
+    PaymentBook(ledger).settle_begin(settlement, owed.payment_ids)  # recorded, never sent
     outcomes = settler(ledger, payer, chain, token).settle()
     assert [(o.status, o.tx_hash) for o in outcomes] == [("confirmed", settlement.id)]
     assert token.balance_of(payees[0]) == 2_000
@@ -117,7 +121,7 @@ def test_a_replaced_transaction_is_detected_and_paid_again_once(
     owe(ledger, payer, token, payees[0], 4_000)
     owed = ledger.owed(payer.address)[0]
     stale = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(stale, owed.payment_ids)
+    PaymentBook(ledger).settle_begin(stale, owed.payment_ids)
     chain.transact(payer, {"to": payer.address, "value": 0})  # uses the stale nonce
     outcomes = settler(ledger, payer, chain, token).settle()
     assert [o.status for o in outcomes] == ["failed", "confirmed"]
@@ -129,11 +133,11 @@ def test_guards_leave_payments_owed(ledger, payer, chain, token, payees):
     [outcome] = settler(ledger, payer, chain, token).settle()
     assert outcome.status == "failed" and "balance" in outcome.reason
     assert len(ledger.owed(payer.address)) == 1 and ledger.settlements() == []
-    wrong_chain = Settler(ledger, payer, {"eip155:84532": chain.url}, AssetTable({}))
+    wrong_chain = Settler(PaymentBook(ledger), payer, {"eip155:84532": chain.url}, AssetTable({}))
     ledger.query("UPDATE x402_payments SET network = 'eip155:84532'")
     [outcome] = wrong_chain.settle()
     assert outcome.status == "failed" and "chain id 31337" in outcome.reason
-    [outcome] = Settler(ledger, payer, {}, AssetTable({})).settle()
+    [outcome] = Settler(PaymentBook(ledger), payer, {}, AssetTable({})).settle()
     assert outcome.status == "skipped" and "no RPC URL" in outcome.reason
     assert len(ledger.owed(payer.address)) == 1
 
@@ -152,11 +156,11 @@ def test_gas_price_cap_is_honoured(ledger, payer, chain, token, payees):
     rpc = {"X402_RPC_URLS": {"eip155:31337": chain.url}, "X402_ASSETS": token.asset_setting()}
     capped = X402Config.from_settings(Settings({**rpc, "X402_MAX_GAS_PRICE": "0.000000001"}))
     assert capped.max_gas_price == 1  # wei
-    [outcome] = Settler.from_config(ledger, payer, capped).settle()
+    [outcome] = Settler.from_config(PaymentBook(ledger), payer, capped).settle()
     assert outcome.status == "failed" and "X402_MAX_GAS_PRICE" in outcome.reason
     assert ledger.settlements() == [] and len(ledger.owed(payer.address)) == 1  # nothing sent
     generous = X402Config.from_settings(Settings({**rpc, "X402_MAX_GAS_PRICE": "1000"}))
-    [outcome] = Settler.from_config(ledger, payer, generous).settle()
+    [outcome] = Settler.from_config(PaymentBook(ledger), payer, generous).settle()
     assert outcome.status == "confirmed"
     tx = chain.w3.eth.get_transaction(outcome.tx_hash)
     assert tx["maxFeePerGas"] <= 1000 * 10**9
@@ -170,7 +174,9 @@ def test_a_reverted_transfer_leaves_the_payments_owed_and_is_never_doubled(
     token.approve(payer, thief.address)
     chain.w3.provider.make_request("evm_setAutomine", [False])
     try:
-        slow = Settler(ledger, payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1)
+        slow = Settler(
+            PaymentBook(ledger), payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1
+        )
         [pending] = slow.settle()  # broadcast, not mined yet
         assert pending.status == "pending"
         # In the same block, ahead of it (higher fee), the payer's tokens leave.
@@ -210,7 +216,9 @@ def test_an_rpc_timeout_after_accepting_the_transfer_pays_once(ledger, payer, ch
     owe(ledger, payer, token, payees[0], 7_000)
     chain.w3.provider.make_request("evm_setAutomine", [False])
     try:
-        slow = Settler(ledger, payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1)
+        slow = Settler(
+            PaymentBook(ledger), payer, {"eip155:31337": chain.url}, AssetTable({}), timeout=1
+        )
         [outcome] = slow.settle()
         assert outcome.status == "pending"  # accepted by the node, fate unknown yet
         assert token.balance_of(payees[0]) == 0
