@@ -1,5 +1,6 @@
-"""Child of bench/ledger.py: N paid pages through X402DownloaderMiddleware (402 → paid
-request → durable → 200 with receipt), then prints peak RSS (MiB) and the ledger's size."""
+"""Child of bench/ledger.py: N paid pages through the two middlewares (402 → paid request →
+reserved durably → sent → 200 with receipt → accepted durably), then prints peak RSS (MiB)
+and the ledger's size."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from scrapy.utils.misc import build_from_crawler
 from scrapy.utils.test import get_crawler
 from twisted.internet import reactor
 
-from scrapy_x402 import X402DownloaderMiddleware
+from scrapy_x402 import X402DownloaderMiddleware, X402SigningMiddleware
 from scrapy_x402._protocol import b64json_encode
 
 TERMS = b64json_encode(
@@ -48,16 +49,21 @@ async def run(pages: int, ledger_path: str) -> None:
             "X402_BUDGETS": {"news.example": "1000000"},
             "X402_PREAUTHORIZE": False,
             "LOG_LEVEL": "WARNING",
+            "DOWNLOADER_MIDDLEWARES": {
+                X402DownloaderMiddleware: 545,
+                X402SigningMiddleware: 950,
+            },
         }
     )
     mw = build_from_crawler(X402DownloaderMiddleware, crawler)
+    signing = build_from_crawler(X402SigningMiddleware, crawler)
     for i in range(pages):
         url = f"https://news.example/a/{i}"
         request = Request(url)
         paid = await mw.process_response(
             request, Response(url, status=402, headers={"PAYMENT-REQUIRED": TERMS}, request=request)
         )
-        await mw.process_request(paid)
+        await signing.process_request(paid)
         receipt = b64json_encode(
             {"success": True, "extra": {"commitmentId": paid.meta["_x402_payment"]}}
         )
@@ -65,7 +71,7 @@ async def run(pages: int, ledger_path: str) -> None:
             paid, Response(url, status=200, request=paid, headers={"PAYMENT-RESPONSE": receipt})
         )
     assert crawler.stats.get_value("x402/payment_count") == pages
-    mw.session.ledger.close()
+    await mw.session.ledger.close()
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Settlement: 10,000 accepted commitments across 100 payees, settled on anvil. The figure is
 the number of transactions (one per payee) and the wall time.
 
-    python bench/settlement.py
+    python -m bench.settlement
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from scrapy_x402._assets import AssetTable
 from scrapy_x402._settlement import Settler
 from scrapy_x402.devchain import Anvil, TestUSD
 from scrapy_x402.ledger import PaymentRecord, Status, open_ledger
+from scrapy_x402.payments import Limits, PaymentBook
 
 COMMITMENTS = 10_000
 PAYEES = 100
@@ -32,10 +33,12 @@ def main() -> None:
         token.mint(payer.address, COMMITMENTS * PRICE)
         payees = [Account.create().address for _ in range(PAYEES)]
         ledger = open_ledger(os.path.join(tmp, "ledger.sqlite3"))
-        for i in range(COMMITMENTS):
-            pid = "0x" + os.urandom(32).hex()
-            ledger.add(
-                PaymentRecord(
+        book = PaymentBook(ledger)
+        limits = Limits(budget=Decimal(COMMITMENTS), total=None)
+        with ledger.transaction():  # written at once: the setup, not the figure
+            for i in range(COMMITMENTS):
+                pid = "0x" + os.urandom(32).hex()
+                record = PaymentRecord(
                     pid,
                     "bench",
                     "deferred",
@@ -50,14 +53,12 @@ def main() -> None:
                     f"https://news.example/{i}",
                     {},
                     0,
-                ),
-                commit=False,
-            )
-            ledger.resolve(pid, Status.ACCEPTED, receipt={})
-        ledger.commit()
+                )
+                assert book.reserve(record, limits) is None
+                assert book.confirm(pid, Status.ACCEPTED, receipt={})
         nonce_before = chain.w3.eth.get_transaction_count(payer.address)
         settler = Settler(
-            ledger,
+            book,
             payer,
             {f"eip155:{chain.chain_id}": chain.url},
             AssetTable(token.asset_setting()),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from decimal import Decimal
 from typing import Any
 
@@ -289,3 +291,151 @@ async def test_preauthorization_can_be_turned_off(tmp_path, x402_settings, token
     assert len(items) == 3
     assert crawler.stats.get_value("downloader/response_status_count/402") == 3
     assert crawler.stats.get_value("x402/preauthorized") is None
+
+
+class OrderedSpider(UrlsSpider):
+    """Fetches its URLs one after another, repeats included (dont_filter), with extra meta."""
+
+    name = "ordered"
+
+    def __init__(self, urls: list[str], meta: dict[str, Any] | None = None, **kwargs: Any):
+        super().__init__(urls, **kwargs)
+        self.meta = meta or {}
+
+    async def start(self) -> Any:
+        from scrapy import Request
+
+        for i, url in enumerate(self.start_urls):
+            yield Request(url, dont_filter=True, priority=-i, meta=self.meta.get(url, {}))
+
+
+async def crawl_in_order(settings, urls, meta=None):
+    crawler = get_crawler(OrderedSpider, {**settings, "CONCURRENT_REQUESTS": 1})
+    items: list[dict[str, Any]] = []
+
+    def collect(item: dict[str, Any]) -> None:
+        items.append(item)
+
+    crawler.signals.connect(collect, signal=signals.item_scraped, weak=False)
+    await crawler.crawl_async(urls=urls, meta=meta)
+    return crawler, items
+
+
+@deferred_f_from_coro_f
+async def test_http_cache_never_keeps_a_402_and_a_cached_page_is_never_paid_again(
+    tmp_path, x402_settings, token, payees
+):
+    settings = {
+        **x402_settings,
+        "HTTPCACHE_ENABLED": True,
+        "HTTPCACHE_DIR": str(tmp_path / "cache"),
+        "X402_SETTLE_ON_CLOSE": False,
+    }
+    with MockServer(sections(token, payees), tmp_path) as server:
+        news = [f"{server.url}/news/{i}" for i in range(3)]
+        # /news/0 a second time, pre-authorised terms known: the cache answers it.
+        first, items = await crawl_in_order(settings, [*news, news[0]])
+        assert len(items) == 4
+        assert first.stats.get_value("x402/payment_count") == 3  # a 402 from the cache: never
+        assert first.stats.get_value("x402/payment_signed") == 3  # the cached repeat: unpaid
+        second, again = await crawl_in_order(settings, news)
+        served = server.served()
+    assert len(again) == 3
+    assert second.stats.get_value("httpcache/hit") == 3
+    assert second.stats.get_value("x402/payment_signed") is None  # paid once, cached after
+    assert len(served) == 3 and len(ledger_rows(settings)) == 3
+
+
+@deferred_f_from_coro_f
+async def test_a_pre_authorised_request_follows_a_free_redirect(
+    tmp_path, x402_settings, token, payees
+):
+    config = sections(
+        token, payees, news={"payee": payees[0], "price": 10_000, "moved": {"old": "/free/new"}}
+    )
+    settings = {**x402_settings, "X402_SETTLE_ON_CLOSE": False}
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl_in_order(
+            settings, [f"{server.url}/news/1", f"{server.url}/news/old"]
+        )
+    assert sorted(item["url"].rsplit("/", 2)[-2] for item in items) == ["free", "news"]
+    stats = crawler.stats.get_stats()
+    assert stats["x402/preauthorized"] == 1  # /news/old looked like a paid page...
+    assert stats["x402/payment_failed/http_301"] == 1  # ...its payment was released...
+    assert stats["x402/payment_count"] == 1  # ...and only /news/1 was paid for
+    assert sorted(r[1] for r in ledger_rows(settings)) == [Status.ACCEPTED, Status.FAILED]
+
+
+@deferred_f_from_coro_f
+async def test_a_resumed_exact_payment_is_counted_once(tmp_path, x402_settings, token, payees):
+    """A request restored from JOBDIR carries an exact payment its dead process left in
+    doubt: held (it may be collected), sent again as it is, never counted twice."""
+    from eth_account import Account
+
+    from scrapy_x402.ledger import PaymentRecord
+    from scrapy_x402.payments import Limits, PaymentBook
+    from scrapy_x402.schemes import ExactScheme
+    from tests.test_exact import offer_for
+
+    jobdir = tmp_path / "job"
+    jobdir.mkdir()
+    (jobdir / "x402-run-id").write_text("run-before-the-crash")
+    settings = {
+        **x402_settings,
+        "JOBDIR": str(jobdir),
+        "X402_BUDGETS": {"127.0.0.1": "0.015"},  # the held payment and one page
+        "X402_SETTLE_ON_CLOSE": False,
+    }
+    account = Account.from_key(os.environ["X402_PRIVATE_KEY"])
+    with MockServer(
+        sections(token, payees, news={"payee": payees[0], "price": 10_000}), tmp_path
+    ) as server:
+        held_url = f"{server.url}/free/held"
+        signed = ExactScheme().sign(
+            account, offer_for(token, payees[1]), held_url, int(time.time()), 300
+        )
+        ledger = open_ledger(settings["X402_LEDGER_URI"])
+        PaymentBook(ledger).reserve(
+            PaymentRecord(
+                signed.id,
+                "run-before-the-crash",
+                "exact",
+                "eip155:31337",
+                token.address,
+                account.address,
+                payees[1],
+                5_000,
+                Decimal("0.005"),
+                "127.0.0.1",
+                "127.0.0.1",
+                held_url,
+                signed.payload,
+                signed.valid_until,
+            ),
+            Limits(Decimal("0.015"), None),
+        )
+        ledger.close()
+        payment = {
+            "id": signed.id,
+            "status": "reserved",
+            "scheme": "exact",
+            "network": "eip155:31337",
+            "asset": token.address,
+            "payee": payees[1],
+            "amount": "5000",
+            "usd": "0.005",
+        }
+        restored = {
+            "_x402_payment": signed.id,
+            "x402_payment": payment,
+            "_x402_reserved": ("127.0.0.1", "0.005"),
+        }
+        crawler, items = await crawl_in_order(
+            settings, [held_url, f"{server.url}/news/1"], meta={held_url: restored}
+        )
+    stats = crawler.stats.get_stats()
+    assert len(items) == 2
+    assert stats.get("x402/budget_exceeded/127.0.0.1") is None
+    assert stats["x402/payment_count"] == 1  # /news/1 still fits: the held one counted once
+    rows = dict((r[0], r[1]) for r in ledger_rows(settings))
+    assert rows[signed.id] == Status.HELD

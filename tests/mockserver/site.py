@@ -52,6 +52,25 @@ class Page(Resource):
         return body
 
 
+class Moved(Resource):
+    """A paid section whose listed pages moved: they answer a free 301 to their new URL."""
+
+    isLeaf = True
+
+    def __init__(self, paid: Resource, moved: dict[str, str]):
+        super().__init__()
+        self.paid = paid
+        self.moved = moved
+
+    def render(self, request: Request) -> bytes | int:
+        name = request.postpath[-1].decode() if request.postpath else ""
+        if name in self.moved:
+            request.setResponseCode(301)
+            request.setHeader("Location", self.moved[name])
+            return b""
+        return self.paid.render(request)
+
+
 class RefusingVerifier(DeferredVerifier):
     """Verifies like the real one, then refuses anyway: a 402 after payment."""
 
@@ -152,17 +171,15 @@ def build_site(config: dict[str, Any]) -> Site:
             if section.get("refuse")
             else DeferredVerifier(*args, nonces=nonces)
         )
-        root.putChild(
-            name.encode(),
-            PaywallResource(
-                Page(fail_first=section.get("fail_first", False), delay=section.get("delay", 0)),
-                verifier,
-                price_of(name, section),
-                x402_version=section.get("version", 2),
-                on_accept=counting(name, record(name)),
-                book=commitments,
-            ),
+        paid = PaywallResource(
+            Page(fail_first=section.get("fail_first", False), delay=section.get("delay", 0)),
+            verifier,
+            price_of(name, section),
+            x402_version=section.get("version", 2),
+            on_accept=counting(name, record(name)),
+            book=commitments,
         )
+        root.putChild(name.encode(), Moved(paid, section.get("moved", {})))
     root.putChild(b"bad", BadTerms())
     root.putChild(b"free", Page())
     return Site(root)
