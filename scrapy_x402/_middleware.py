@@ -186,7 +186,7 @@ class X402DownloaderMiddleware:
             or "refused"
         )[:200]
         network = payment["network"]
-        await payer.not_served(request, reason, refused=True)
+        counted_as = await payer.not_served(request, reason, refused=True)
         if _out_of_funds(reason) and network not in payer.stopped_networks:
             payer.stopped_networks.add(network)
             logger.error(
@@ -199,7 +199,7 @@ class X402DownloaderMiddleware:
         else:
             payer.once(
                 logging.WARNING,
-                ("rejected", domain, reason),
+                ("rejected", domain, counted_as),  # bounded: as many as the stats family
                 "x402: %s refused a payment (%s); the 402 is passed on",
                 domain,
                 reason,

@@ -340,9 +340,9 @@ class Payer:
             update["amount"] = str(amount)
         payment.update(update)
 
-    async def not_served(self, request: Request, reason: str, refused: bool = False) -> None:
+    async def not_served(self, request: Request, reason: str, refused: bool = False) -> str:
         """The page was not served. A commitment is then never settled, so it is released;
-        a signed transfer stays held (counted) until it expires."""
+        a signed transfer stays held (counted) until it expires. The reason as counted."""
         payment = request.meta["x402_payment"]
         payment_id = request.meta.pop("_x402_payment")
         request.meta.pop("_x402_signed_in", None)
@@ -353,10 +353,13 @@ class Payer:
         except Exception as e:  # still reserved in the book: in doubt, and counted
             logger.error("x402: cannot record what became of payment %s: %s", payment_id, e)
             status = None
-        self.inc(f"x402/payment_{'rejected' if refused else 'failed'}/{{}}", stat_name(reason))
+        counted = self.inc(
+            f"x402/payment_{'rejected' if refused else 'failed'}/{{}}", stat_name(reason)
+        )
         if status == Status.HELD:
             self.inc("x402/payment_held")
         payment.update(status=status or Status.RESERVED, reason=reason)
+        return counted or "other"
 
     async def unsent(self, request: Request, reason: str) -> None:
         """The payment never left (the cache answered): nothing can collect it."""
@@ -391,23 +394,28 @@ class Payer:
                 self.session.budgets.limit(refused),
             )
 
-    def inc(self, family: str, part: str | None = None, count: int = 1) -> None:
+    def inc(self, family: str, part: str | None = None, count: int = 1) -> str | None:
         """Count in a stat, or in a ``{}`` family of stats whose part (a domain, a server's
-        reason) is capped at MAX_STAT_PARTS distinct values, then "other"."""
-        self.stats.inc_value(family if part is None else self._stat_key(family, part), count)
+        reason) is capped at MAX_STAT_PARTS distinct values, then "other"; the part used."""
+        if part is None:
+            self.stats.inc_value(family, count)
+            return None
+        part = self._stat_part(family, part)
+        self.stats.inc_value(family.format(part), count)
+        return part
 
-    def _stat_key(self, family: str, part: str) -> str:
+    def _stat_part(self, family: str, part: str) -> str:
         seen = self._stat_parts.setdefault(family, set())
         if part not in seen:
             if len(seen) >= MAX_STAT_PARTS:
-                part = "other"
+                return "other"
             seen.add(part)
-        return family.format(part)
+        return part
 
     def spent(self, domain: str, usd: Decimal) -> None:
         """``x402/spent_usd/{domain}``: a number for monitoring, from an exact running total
         (the ledger has the amounts; a float here never accumulates rounding errors)."""
-        key = self._stat_key("x402/spent_usd/{}", domain)
+        key = "x402/spent_usd/{}".format(self._stat_part("x402/spent_usd/{}", domain))
         self._spent[key] = self._spent.get(key, Decimal(0)) + usd
         self.stats.set_value(key, float(self._spent[key]))
 

@@ -109,7 +109,7 @@ def funded_payer(chain, token, monkeypatch, amount=1_000_000):
 async def test_pays_the_reference_server_with_exact(tmp_path, sdk_chain, sdk_server, monkeypatch):
     token, payee = sdk_server["token"], sdk_server["payee"]
     payer = funded_payer(sdk_chain, token, monkeypatch)
-    settings = crawl_settings(tmp_path, sdk_chain, token)
+    settings = crawl_settings(tmp_path, sdk_chain, token, X402_ITEM_RECEIPT_FIELD="x402")
     pages = 5
     crawler, items = await crawl(
         settings, [f"{sdk_server['url']}/articles/{n}" for n in range(pages)]
@@ -117,6 +117,9 @@ async def test_pays_the_reference_server_with_exact(tmp_path, sdk_chain, sdk_ser
 
     stats = crawler.stats.get_stats()
     assert len(items) == pages
+    # Each item carries the payment that bought its page: paid at once, with its transaction.
+    assert {(i["x402"]["status"], i["x402"]["scheme"]) for i in items} == {("settled", "exact")}
+    assert all(i["x402"]["transaction"].startswith("0x") for i in items)
     assert stats["x402/payment_count"] == pages
     assert token.balance_of(payee) == pages * PRICE  # exactly N x price, on-chain
     assert token.balance_of(payer.address) == 1_000_000 - pages * PRICE

@@ -269,3 +269,80 @@ async def test_payment_identifier_is_echoed_with_the_payment_id(settings):
     sent = b64json_decode(paid.headers["PAYMENT-SIGNATURE"])["extensions"]["payment-identifier"]
     assert sent["info"] == {"required": False, "id": paid.meta["_x402_payment"][2:]}
     assert sent["schema"] == declared["schema"]
+
+
+class CountingRPC:
+    """An RPC endpoint that is down: every call answers 502, and is counted."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        outer = self
+        self.calls = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                outer.calls += 1
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self.send_response(502)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v2/KEY"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@deferred_f_from_coro_f
+async def test_a_dead_rpc_refuses_permit2_offers_once_and_never_raises(settings, caplog):
+    rpc = CountingRPC()
+    try:
+        mw, crawler = middleware({**settings, "X402_RPC_URLS": {"eip155:84532": rpc.url}})
+        permit2 = offer(
+            scheme="exact", extra={"name": "USDC", "version": "2", "assetTransferMethod": "permit2"}
+        )
+        for _ in range(3):
+            response = response402(permit2)
+            assert await mw.process_response(response.request, response) is response  # unpaid
+            if _ == 0:
+                calls = rpc.calls
+        assert calls >= 1 and rpc.calls == calls  # read once, the failure remembered
+    finally:
+        rpc.close()
+    assert crawler.stats.get_value("x402/offer_refused/permit2_allowance_unknown") == 3
+    assert caplog.text.count("cannot read the wallet's Permit2 allowance") == 1
+    assert "KEY" not in caplog.text  # the RPC URL's secret path is never shown
+
+
+@deferred_f_from_coro_f
+async def test_server_text_never_grows_logs_or_stats_without_bound(settings, caplog):
+    from scrapy_x402._payer import MAX_STAT_PARTS, MAX_TERMS
+
+    mw, crawler = middleware({**settings, "X402_BUDGETS": {"news.example": "100"}})
+    for n in range(MAX_STAT_PARTS + 50):
+        response = response402(offer())
+        paid = await mw.process_response(response.request, response)
+        refused = response402(
+            offer(),
+            **{
+                "PAYMENT-RESPONSE": b64json_encode({"success": False, "errorReason": f"no way {n}"})
+            },
+        )
+        await mw.process_response(paid, refused)
+    stats = crawler.stats.get_stats()
+    family = [k for k in stats if k.startswith("x402/payment_rejected/")]
+    assert len(family) <= MAX_STAT_PARTS + 1  # ...then "other"
+    assert sum(stats[k] for k in family) == MAX_STAT_PARTS + 50
+    assert caplog.text.count("refused a payment") <= MAX_STAT_PARTS + 1
+    for n in range(MAX_TERMS + 10):
+        response = response402(offer(), url=f"https://news.example/s{n}/1")
+        await mw.process_response(response.request, response)
+    assert len(mw.payer.terms) == MAX_TERMS
