@@ -188,6 +188,7 @@ class X402Session:
                     self.book.collected(held.id, "collected on-chain after it was not confirmed")
                     logger.warning("x402: payment %s was not confirmed but collected", held.id)
                 elif self.book.expire(held.id, "expired uncollected"):
+                    self.schemes[held.scheme].expired(held.network, held.payload)
                     released += 1
             return released
 

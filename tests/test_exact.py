@@ -142,3 +142,47 @@ async def test_without_an_rpc_url_expired_holds_stay_counted(
     assert await session.release_expired_holds() == 0
     assert {session.store.get_status(p.id) for p in payments} == {Status.HELD}
     assert spent(session) == Decimal("0.01")
+
+
+@deferred_f_from_coro_f
+async def test_a_permit2_signature_that_expired_unused_gives_its_allowance_back(
+    tmp_path, chain, token, payer, monkeypatch
+):
+    from scrapy import Request
+    from scrapy.http import Response
+
+    from scrapy_x402._chain import PERMIT2
+    from tests.test_middleware import middleware, offer, response402
+
+    chain.install_permit2()
+    token.approve(payer, PERMIT2, 5_000)  # room for one payment
+    monkeypatch.setenv("X402_PRIVATE_KEY", payer.key.hex())
+    mw, crawler = middleware(
+        {
+            "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
+            "X402_BUDGETS": {"news.example": "1"},
+            "X402_SCHEMES": ["exact"],
+            "X402_ASSETS": token.asset_setting(),
+            "X402_RPC_URLS": {f"eip155:{chain.chain_id}": chain.url},
+        }
+    )
+    permit2 = offer(
+        "5000",
+        scheme="exact",
+        network=f"eip155:{chain.chain_id}",
+        asset=token.address,
+        extra={"name": "Test USD", "version": "2", "assetTransferMethod": "permit2"},
+    )
+    first = response402(permit2)
+    paid = await mw.process_response(first.request, first)
+    assert isinstance(paid, Request)
+    refused = Response(paid.url, status=402, request=paid)
+    await mw.process_response(paid, refused)  # held: the server might still submit it
+    second = response402(permit2)
+    assert await mw.process_response(second.request, second) is second  # allowance used up
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now + 400)  # past its deadline, never submitted
+    assert await mw.session.release_expired_holds() == 1
+    third = response402(permit2)
+    assert isinstance(await mw.process_response(third.request, third), Request)
+    assert crawler.stats.get_value("x402/offer_refused/permit2_allowance") == 1

@@ -42,6 +42,9 @@ class Scheme(Protocol):
     def discard(self, offer: Offer) -> None:
         """A signature for ``offer`` was never sent: give back what signing it took."""
 
+    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
+        """A held signature expired unused: give back what signing it took."""
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment: ...
@@ -71,6 +74,9 @@ class X402Scheme:
         return None
 
     def discard(self, offer: Offer) -> None:
+        return None
+
+    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
         return None
 
     def headers(

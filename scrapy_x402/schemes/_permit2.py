@@ -159,6 +159,10 @@ class Permit2Allowances:
         if (network, token) in self._left and self._left[(network, token)] < self.UNLIMITED:
             self._left[(network, token)] += amount
 
+    def give_back_signed(self, network: str, payload: Mapping[str, Any]) -> None:
+        permitted = payload["permit2Authorization"]["permitted"]
+        self.give_back(network, permitted["token"], int(permitted["amount"]))
+
     def _refuse(self, key: tuple[str, str], reason: str, why: str) -> str:
         if key not in self._warned:
             self._warned.add(key)

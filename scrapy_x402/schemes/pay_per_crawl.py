@@ -42,6 +42,9 @@ class PayPerCrawlScheme:
     def discard(self, offer: Offer) -> None:
         return None
 
+    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
+        return None
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment:

@@ -53,6 +53,10 @@ class UptoScheme(X402Scheme):
         if self.permit2 is not None and self._uses_permit2(offer):
             self.permit2.give_back(offer.network, offer.asset, offer.amount)
 
+    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
+        if self.permit2 is not None and "permit2Authorization" in payload:
+            self.permit2.give_back_signed(network, payload)
+
     def refusal(self, offer: Offer) -> str | None:
         if evm_chain_id(offer.network) is None:
             return "network"
