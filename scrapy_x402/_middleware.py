@@ -13,10 +13,9 @@ import logging
 from typing import TYPE_CHECKING
 
 from scrapy.exceptions import NotConfigured
-from scrapy.utils.defer import maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
 
-from scrapy_x402._payer import Payer, is_paid, response_is_cached, stat_name, terms_key
+from scrapy_x402._payer import Payer, is_paid, response_is_cached, terms_key
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
     Challenge,
@@ -25,6 +24,7 @@ from scrapy_x402._protocol import (
     parse_crawler_price,
     parse_receipt,
 )
+from scrapy_x402.schemes._cloudflare import count_crawler_error, retry_internal_error
 
 if TYPE_CHECKING:
     from scrapy import Request
@@ -54,15 +54,14 @@ class X402DownloaderMiddleware:
         if request.meta.get("_x402_internal"):
             return response
         if b"crawler-error" in response.headers and not response_is_cached(response):
-            self._crawler_error(request, response)
+            count_crawler_error(self.payer, request, response)
         if is_paid(request):
             if response_is_cached(response):
                 await self.payer.unsent(request, "answered by the cache")
                 return response
-            if _internal_error(response):
-                retry = await self._retry_internal_error(request)
-                if retry is not None:
-                    return retry
+            retry = await retry_internal_error(self.payer, request, response)
+            if retry is not None:
+                return retry
             # What became of the payment is durable before the spider sees the page.
             return await self._paid_response(request, response)
         if response.status != 402 or request.meta.get("x402_dont_pay"):
@@ -124,33 +123,6 @@ class X402DownloaderMiddleware:
         paid.meta["dont_redirect"] = True
         payer.remember_terms(request, challenge, offer, asset, usd)
         return paid
-
-    async def _retry_internal_error(self, request: Request) -> Request | None:
-        """Cloudflare's InternalError is its only retryable error: retry the same payment
-        after an exponential backoff, X402_CRAWLER_RETRY_TIMES times at most."""
-        retries = request.meta.get("_x402_internal_retries", 0)
-        if retries >= self.config.crawler_retry_times:
-            return None
-        from twisted.internet import reactor  # noqa: PLC0415 (importing it installs one)
-        from twisted.internet.task import deferLater  # noqa: PLC0415
-
-        delay = self.config.crawler_retry_backoff * 2**retries
-        self.payer.inc("x402/crawler_retry")
-        await maybe_deferred_to_future(deferLater(reactor, delay, lambda: None))
-        retry = request.replace(dont_filter=True)
-        retry.meta["_x402_internal_retries"] = retries + 1
-        return retry
-
-    def _crawler_error(self, request: Request, response: Response) -> None:
-        """Cloudflare's error codes: each counted; CrawlerForbidden ends paying the domain."""
-        code = stat_name((response.headers.get(b"crawler-error") or b"").decode("latin-1"))
-        domain = urlparse_cached(request).hostname or ""
-        self.payer.inc("x402/crawler_error/{}", code)
-        if code == "CrawlerForbidden" and domain not in self.payer.forbidden_domains:
-            self.payer.forbidden_domains.add(domain)
-            logger.warning(
-                "x402: %s forbids this crawler (CrawlerForbidden); no more payments there", domain
-            )
 
     # -- after paying ------------------------------------------------------------------
 
@@ -301,10 +273,6 @@ def _out_of_funds(reason: str) -> bool:
     return reason == "insufficient_funds" or (
         reason.endswith("insufficient_balance") and not reason.startswith("facilitator_")
     )
-
-
-def _internal_error(response: Response) -> bool:
-    return response.status == 500 and response.headers.get("crawler-error") == b"InternalError"
 
 
 def _read_challenge(response: Response, domain: str) -> Challenge:
