@@ -52,9 +52,9 @@ ALL_STATUSES = frozenset((*Status.COUNTED, *RELEASED))
 UNKNOWN_ID = "0x" + "f" * 64
 
 
-def usd_amounts(max_micros: int) -> st.SearchStrategy[Decimal]:
+def usd_amounts(min_micros: int, max_micros: int) -> st.SearchStrategy[Decimal]:
     """USD with up to 6 decimals, written with 6 places or normalised ("0.01", "1E-6")."""
-    micros = st.integers(min_value=0, max_value=max_micros)
+    micros = st.integers(min_value=min_micros, max_value=max_micros)
     return st.builds(
         lambda n, normal: Decimal(n).scaleb(-6).normalize() if normal else Decimal(n).scaleb(-6),
         micros,
@@ -202,8 +202,8 @@ class PaymentBookMachine(RuleBasedStateMachine):
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @initialize(
-        budgets=st.lists(usd_amounts(300_000), min_size=2, max_size=3),
-        total=st.none() | usd_amounts(500_000),
+        budgets=st.lists(usd_amounts(0, 1) | usd_amounts(20_000, 300_000), min_size=2, max_size=3),
+        total=st.none() | usd_amounts(50_000, 500_000),
     )
     def set_limits(self, budgets: list[Decimal], total: Decimal | None) -> None:
         """Limits stay fixed for the whole example, so "within its limit" is well defined."""
@@ -242,7 +242,7 @@ class PaymentBookMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.budgets)))
         run = data.draw(st.sampled_from(RUNS))
         scheme = data.draw(st.sampled_from(SCHEMES))
-        usd = data.draw(usd_amounts(60_000))
+        usd = data.draw(usd_amounts(0, 60_000))
         payee = data.draw(st.sampled_from(PAYEES))
         if scheme == "pay-per-crawl":
             network, asset = CLOUDFLARE, "USD"
