@@ -320,15 +320,19 @@ class Payer:
             asset = self.config.assets.get(payment["network"], payment["asset"])
             assert asset is not None  # it was priced with it
             usd = min(asset.to_usd(amount), usd)
-        ok = await self.session.ledger.run(
-            self.session.book.confirm,
-            payment_id,
-            confirmation.status,
-            receipt=receipt if isinstance(receipt, dict) else {},
-            transaction=confirmation.transaction,
-            amount=amount,
-            usd=usd if amount is not None else None,
-        )
+        try:
+            ok = await self.session.ledger.run(
+                self.session.book.confirm,
+                payment_id,
+                confirmation.status,
+                receipt=receipt if isinstance(receipt, dict) else {},
+                transaction=confirmation.transaction,
+                amount=amount,
+                usd=usd if amount is not None else None,
+            )
+        except Exception as e:  # still reserved in the book: in doubt, and counted
+            logger.error("x402: cannot record that payment %s was accepted: %s", payment_id, e)
+            ok = False
         if not ok:
             return
         self.inc("x402/payment_count")
