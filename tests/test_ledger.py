@@ -76,22 +76,20 @@ def test_settlement_confirm_and_fail(ledger):
         "0xRAW",
         7,
     )
-    ledger.begin_settlement(s, owed.payment_ids)
+    assert ledger.begin_settlement(s, owed.payment_ids)
     assert ledger.owed("0xME") == []
-    assert [x.id for x in ledger.settlements("pending")] == ["0xTX1"]
-    with pytest.raises(
-        RuntimeError, match="no longer owed"
-    ):  # never two settlements for one payment
-        ledger.begin_settlement(replace(s, id="0xTX2"), owed.payment_ids)
-    ledger.finish_settlement("0xTX1", confirmed=False, reason="reverted")
+    assert [x.id for x in ledger.settlements("signed")] == ["0xTX1"]
+    # Never two settlements for one payment: refused whole, nothing written.
+    assert not ledger.begin_settlement(replace(s, id="0xTX2"), owed.payment_ids)
+    ledger.finish_settlement("0xTX1", "replaced", reason="replaced")
     assert ledger.owed("0xME")[0].payment_ids == owed.payment_ids  # owed again
-    ledger.begin_settlement(replace(s, id="0xTX3"), owed.payment_ids)
-    ledger.finish_settlement("0xTX3", confirmed=True)
+    assert ledger.begin_settlement(replace(s, id="0xTX3"), owed.payment_ids)
+    ledger.mark_settlement("0xTX3", "observed", block=12)
+    ledger.finish_settlement("0xTX3", "confirmed")
     assert {ledger.get_status(i) for i in owed.payment_ids} == {Status.SETTLED}
-    # The refused 0xTX2 was rolled back whole.
-    assert [(x.id, x.status) for x in ledger.settlements()] == [
-        ("0xTX1", "failed"),
-        ("0xTX3", "confirmed"),
+    assert [(x.id, x.status, x.block_number) for x in ledger.settlements()] == [
+        ("0xTX1", "replaced", None),
+        ("0xTX3", "confirmed", 12),
     ]
 
 

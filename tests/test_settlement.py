@@ -47,10 +47,22 @@ def owe(ledger, payer, token, payee, amount, count=1):
     return ids
 
 
-def settler(ledger, payer, chain, token, rpc=None):
+def settler(ledger, payer, chain, token, rpc=None, **kwargs):
     return Settler(
-        ledger, payer, {"eip155:31337": rpc or chain.url}, AssetTable(token.asset_setting())
+        ledger,
+        payer,
+        {"eip155:31337": rpc or chain.url},
+        AssetTable(token.asset_setting()),
+        **kwargs,
     )
+
+
+def record(s, chain, owed):
+    """A transfer signed and recorded as settle() does, then left unsent (a crash)."""
+    nonce = chain.w3.eth.get_transaction_count(owed.payer, "pending")
+    settlement = s._sign_transfer(chain.w3, owed, nonce, s._fees(chain.w3))
+    assert s.ledger.begin_settlement(settlement, owed.payment_ids)
+    return settlement
 
 
 def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(
@@ -87,10 +99,8 @@ def test_transfer_carries_the_reference_of_the_commitments_it_pays(
 
 def test_crash_after_broadcast_before_recording_pays_once(ledger, payer, chain, token, payees):
     ids = owe(ledger, payer, token, payees[0], 3_000, count=2)
-    s = settler(ledger, payer, chain, token)
     owed = ledger.owed(payer.address)[0]
-    settlement = s._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(settlement, owed.payment_ids)
+    settlement = record(settler(ledger, payer, chain, token), chain, owed)
     chain.w3.eth.send_raw_transaction(settlement.raw_tx)
     # ...the process dies here. A new run reads the chain instead of paying again.
     outcomes = settler(ledger, payer, chain, token).settle()
@@ -104,8 +114,7 @@ def test_crash_before_broadcast_rebroadcasts_the_same_transaction(
 ):
     owe(ledger, payer, token, payees[0], 2_000)
     owed = ledger.owed(payer.address)[0]
-    settlement = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(settlement, owed.payment_ids)  # recorded, never sent
+    settlement = record(settler(ledger, payer, chain, token), chain, owed)  # never sent
     outcomes = settler(ledger, payer, chain, token).settle()
     assert [(o.status, o.tx_hash) for o in outcomes] == [("confirmed", settlement.id)]
     assert token.balance_of(payees[0]) == 2_000
@@ -116,11 +125,10 @@ def test_a_replaced_transaction_is_detected_and_paid_again_once(
 ):
     owe(ledger, payer, token, payees[0], 4_000)
     owed = ledger.owed(payer.address)[0]
-    stale = settler(ledger, payer, chain, token)._sign_transfer(chain.w3, owed)
-    ledger.begin_settlement(stale, owed.payment_ids)
+    record(settler(ledger, payer, chain, token), chain, owed)  # never sent
     chain.transact(payer, {"to": payer.address, "value": 0})  # uses the stale nonce
     outcomes = settler(ledger, payer, chain, token).settle()
-    assert [o.status for o in outcomes] == ["failed", "confirmed"]
+    assert [o.status for o in outcomes] == ["replaced", "confirmed"]
     assert token.balance_of(payees[0]) == 4_000
 
 
@@ -194,7 +202,7 @@ def test_a_reverted_transfer_leaves_the_payments_owed_and_is_never_doubled(
         chain.w3.provider.make_request("evm_setAutomine", [True])
     reverted, resend = settler(ledger, payer, chain, token).settle()
     assert (reverted.status, reverted.tx_hash, reverted.reason) == (
-        "failed",
+        "reverted",
         pending.tx_hash,
         "transaction reverted",
     )  # owed again...
@@ -214,9 +222,8 @@ def test_an_rpc_timeout_after_accepting_the_transfer_pays_once(ledger, payer, ch
         [outcome] = slow.settle()
         assert outcome.status == "pending"  # accepted by the node, fate unknown yet
         assert token.balance_of(payees[0]) == 0
-        assert (
-            settler(ledger, payer, chain, token).settle()[0].status == "pending"
-        )  # re-broadcast, same tx
+        again = settler(ledger, payer, chain, token, timeout=1).settle()
+        assert [(o.status, o.tx_hash) for o in again] == [("pending", outcome.tx_hash)]
         chain.w3.provider.make_request("evm_mine", [])
     finally:
         chain.w3.provider.make_request("evm_setAutomine", [True])

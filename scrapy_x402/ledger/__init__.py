@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from scrapy_x402.ledger._base import (
     HeldPayment,
+    IllegalTransition,
     InDoubt,
     Ledger,
     OwedTotal,
     PaymentRecord,
     Settlement,
+    SettlementStatus,
     StatementLine,
     Status,
     SummaryRow,
@@ -33,12 +35,14 @@ def open_ledger(uri: str) -> Ledger:
 
 __all__ = [
     "HeldPayment",
+    "IllegalTransition",
     "InDoubt",
     "Ledger",
     "OwedTotal",
     "PaymentRecord",
     "SQLiteLedger",
     "Settlement",
+    "SettlementStatus",
     "StatementLine",
     "Status",
     "SummaryRow",

@@ -24,6 +24,50 @@ class Status:
     COUNTED = (RESERVED, ACCEPTED, HELD, SETTLING, SETTLED)  # what budgets count as spent
 
 
+class SettlementStatus:
+    """Where a settlement transaction stands. Only the chain moves it on (see TRANSITIONS)."""
+
+    SIGNED = "signed"  # recorded before broadcast: a node may or may not hold it
+    BROADCAST = "broadcast"  # a node took it; in no block we know of
+    OBSERVED = "observed"  # in block ``block_number``, not yet deep enough to be final
+    CONFIRMED = "confirmed"  # succeeded, deep enough: its payments are settled
+    REVERTED = "reverted"  # failed on-chain, deep enough: its payments are owed again
+    REPLACED = "replaced"  # its nonce used, deep enough, by another transaction: owed again
+    FAILED = "failed"  # old ledgers only: refused by the node, never sent
+
+    # Could still be mined: its payments stay settling (counted, never owed twice).
+    OPEN = (SIGNED, BROADCAST, OBSERVED)
+    # Written by older versions for what is now "signed": recovered the same way.
+    LEGACY = {"pending": SIGNED}
+
+    TRANSITIONS: dict[str, frozenset[str]] = {
+        SIGNED: frozenset({BROADCAST, OBSERVED, REPLACED}),
+        BROADCAST: frozenset({OBSERVED, REPLACED}),
+        # observed -> observed: a reorg moved it to another block; -> broadcast: out of any.
+        OBSERVED: frozenset({OBSERVED, BROADCAST, CONFIRMED, REVERTED}),
+        CONFIRMED: frozenset(),
+        REVERTED: frozenset(),
+        REPLACED: frozenset(),
+        FAILED: frozenset(),
+    }
+    # What reaching a final status does to the settlement's payments.
+    PAYMENTS_AFTER = {
+        CONFIRMED: Status.SETTLED,
+        REVERTED: Status.ACCEPTED,
+        REPLACED: Status.ACCEPTED,
+    }
+
+
+class IllegalTransition(ValueError):
+    """A settlement status change the state machine does not allow; nothing was written."""
+
+    def __init__(self, settlement_id: str, current: str | None, wanted: str):
+        super().__init__(f"settlement {settlement_id}: {current} -> {wanted} is not allowed")
+        self.settlement_id = settlement_id
+        self.current = current
+        self.wanted = wanted
+
+
 @dataclass(frozen=True)
 class PaymentRecord:
     id: str
@@ -82,10 +126,11 @@ class Settlement:
     payee: str
     amount: int
     payment_count: int
-    status: str  # pending, confirmed, failed
+    status: str  # a SettlementStatus
     raw_tx: str  # signed, so a crashed settlement can be re-broadcast unchanged
     tx_nonce: int
     reason: str | None = None
+    block_number: int | None = None  # where it was last seen mined
 
 
 @dataclass(frozen=True)
@@ -152,12 +197,14 @@ SCHEMA = [
         payment_count INTEGER NOT NULL,
         raw_tx TEXT NOT NULL,
         tx_nonce BIGINT NOT NULL,
-        reason TEXT
+        reason TEXT,
+        block_number BIGINT
     )""",
 ]
 
 _SETTLEMENT_COLUMNS = (
-    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason"
+    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason, "
+    "block_number"
 )
 
 
@@ -194,6 +241,9 @@ class Ledger(ABC):
         with self._transaction():
             for statement in SCHEMA:
                 self._execute(statement)
+            columns = self._execute("SELECT * FROM x402_settlements WHERE 1 = 0").description
+            if "block_number" not in {c[0] for c in columns}:  # a ledger from before it
+                self._execute("ALTER TABLE x402_settlements ADD COLUMN block_number BIGINT")
 
     # -- payments ------------------------------------------------------------------
 
@@ -398,67 +448,107 @@ class Ledger(ABC):
 
     # -- settlements ----------------------------------------------------------------
 
-    def begin_settlement(self, s: Settlement, payment_ids: Sequence[str]) -> None:
-        """Record a signed, not yet broadcast transfer and the payments it covers."""
-        now = int(time.time())
-        with self._transaction():
-            self._execute(
-                f"INSERT INTO x402_settlements ({_SETTLEMENT_COLUMNS}, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    s.id,
-                    s.network,
-                    s.asset,
-                    s.payer,
-                    s.payee,
-                    str(s.amount),
-                    s.payment_count,
-                    "pending",
-                    s.raw_tx,
-                    s.tx_nonce,
-                    None,
-                    now,
-                    now,
-                ),
-            )
-            for pid in payment_ids:
-                cursor = self._execute(
-                    "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
-                    "WHERE id = ? AND status = ? AND settlement_id IS NULL",
-                    (Status.SETTLING, s.id, now, pid, Status.ACCEPTED),
-                )
-                if cursor.rowcount != 1:
-                    raise RuntimeError(f"payment {pid} is no longer owed; settlement aborted")
+    def begin_settlement(self, s: Settlement, payment_ids: Sequence[str]) -> bool:
+        """Record a signed, not yet broadcast transfer; its payments move from owed to settling.
 
-    def finish_settlement(
-        self, settlement_id: str, confirmed: bool, reason: str | None = None
-    ) -> None:
-        """Confirmed: its payments are settled. Failed: they are owed again."""
+        All or nothing: False, and nothing written, if one of them is no longer owed.
+        """
+        now = int(time.time())
+        try:
+            with self._transaction():
+                self._execute(
+                    f"INSERT INTO x402_settlements ({_SETTLEMENT_COLUMNS}, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        s.id,
+                        s.network,
+                        s.asset,
+                        s.payer,
+                        s.payee,
+                        str(s.amount),
+                        s.payment_count,
+                        SettlementStatus.SIGNED,
+                        s.raw_tx,
+                        s.tx_nonce,
+                        None,
+                        None,
+                        now,
+                        now,
+                    ),
+                )
+                for pid in payment_ids:
+                    cursor = self._execute(
+                        "UPDATE x402_payments SET status = ?, settlement_id = ?, updated_at = ? "
+                        "WHERE id = ? AND status = ? AND settlement_id IS NULL",
+                        (Status.SETTLING, s.id, now, pid, Status.ACCEPTED),
+                    )
+                    if cursor.rowcount != 1:
+                        raise _NotOwed
+        except _NotOwed:
+            return False
+        return True
+
+    def mark_settlement(self, settlement_id: str, status: str, block: int | None = None) -> None:
+        """An open settlement seen broadcast, or mined in ``block`` (observed)."""
+        if status not in SettlementStatus.OPEN:
+            raise ValueError(f"{status} is not an open settlement status")
+        with self._transaction():
+            self._move_settlement(settlement_id, status, "block_number = ?", block)
+
+    def finish_settlement(self, settlement_id: str, status: str, reason: str | None = None) -> None:
+        """Confirmed: its payments are settled. Reverted or replaced: they are owed again."""
+        payments = SettlementStatus.PAYMENTS_AFTER[status]
         now = int(time.time())
         with self._transaction():
-            self._execute(
-                "UPDATE x402_settlements SET status = ?, reason = ?, updated_at = ? WHERE id = ?",
-                ("confirmed" if confirmed else "failed", reason, now, settlement_id),
-            )
-            if confirmed:
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, updated_at = ? WHERE settlement_id = ?",
-                    (Status.SETTLED, now, settlement_id),
+            self._move_settlement(settlement_id, status, "reason = ?", reason)
+            if payments == Status.SETTLED:
+                sql = "UPDATE x402_payments SET status = ?, updated_at = ? WHERE settlement_id = ?"
+            else:  # owed again, by no settlement
+                sql = (
+                    "UPDATE x402_payments SET status = ?, updated_at = ?, settlement_id = NULL "
+                    "WHERE settlement_id = ?"
                 )
-            else:
-                self._execute(
-                    "UPDATE x402_payments SET status = ?, settlement_id = NULL, updated_at = ? "
-                    "WHERE settlement_id = ?",
-                    (Status.ACCEPTED, now, settlement_id),
-                )
+            self._execute(sql, (payments, now, settlement_id))
+
+    def _move_settlement(
+        self, settlement_id: str, status: str, assignment: str, value: Any
+    ) -> None:
+        """The one place a settlement's status is written: checked against TRANSITIONS."""
+        row = self._execute(
+            "SELECT status FROM x402_settlements WHERE id = ?", (settlement_id,)
+        ).fetchone()
+        current = SettlementStatus.LEGACY.get(row[0], row[0]) if row else None
+        if current is None or status not in SettlementStatus.TRANSITIONS[current]:
+            raise IllegalTransition(settlement_id, current, status)
+        self._execute(
+            f"UPDATE x402_settlements SET status = ?, {assignment}, updated_at = ? WHERE id = ?",
+            (status, value, int(time.time()), settlement_id),
+        )
 
     def settlements(self, status: str | None = None) -> list[Settlement]:
+        """All settlements, or those in one status; old "pending" rows read as "signed"."""
+        legacy = [old for old, new in SettlementStatus.LEGACY.items() if new == status]
         sql = f"SELECT {_SETTLEMENT_COLUMNS} FROM x402_settlements"
         params: tuple[str, ...] = ()
         if status:
-            sql, params = sql + " WHERE status = ?", (status,)
+            statuses = (status, *legacy)
+            sql += f" WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params = statuses
         return [
-            Settlement(r[0], r[1], r[2], r[3], r[4], int(r[5]), *r[6:])
+            Settlement(
+                id=r[0],
+                network=r[1],
+                asset=r[2],
+                payer=r[3],
+                payee=r[4],
+                amount=int(r[5]),
+                payment_count=r[6],
+                status=SettlementStatus.LEGACY.get(r[7], r[7]),
+                raw_tx=r[8],
+                tx_nonce=r[9],
+                reason=r[10],
+                block_number=r[11],
+            )
             for r in self._execute(sql + " ORDER BY created_at, id", params)
         ]
 
@@ -469,3 +559,7 @@ class Ledger(ABC):
                 "SELECT id FROM x402_payments WHERE settlement_id = ? ORDER BY id", (settlement_id,)
             )
         ]
+
+
+class _NotOwed(Exception):
+    """Rolls back a settlement whose payments are no longer all owed."""
