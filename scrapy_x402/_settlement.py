@@ -280,21 +280,21 @@ class Settler:
     # -- reading the chain ---------------------------------------------------------
 
     def _wait(self, watched: list[_Watched]) -> None:
-        """Read every open settlement's fate until all are final or one deadline passes."""
-        waiting = [w for w in watched if w.status in S.OPEN]
-        total, confirmed = len(waiting), -1
+        """Read open settlements' fate until all are final or one deadline passes."""
         deadline = time.monotonic() + self.timeout
-        while waiting:
-            for w in waiting:
-                self._observe(w)
-            done = sum(w.status == S.CONFIRMED for w in watched)
-            if done != confirmed:
-                confirmed = done
-                logger.info("x402 settlement: %d of %d confirmed", done, total)
-            waiting = [w for w in waiting if w.status in S.OPEN]
+        reported = None
+        while True:
+            confirmed = sum(w.status == S.CONFIRMED for w in watched)
+            if watched and confirmed != reported:
+                reported = confirmed
+                logger.info("x402 settlement: %d of %d confirmed", confirmed, len(watched))
+            waiting = [w for w in watched if w.status in S.OPEN]
             if not waiting or time.monotonic() >= deadline:
                 return
-            time.sleep(self.poll_interval)
+            for w in waiting:
+                self._observe(w)
+            if any(w.status in S.OPEN for w in waiting):
+                time.sleep(self.poll_interval)
 
     def _observe(self, watched: _Watched) -> None:
         """Read one open settlement's fate from the chain and record what it proves."""
@@ -326,7 +326,7 @@ class Settler:
     def _mined(self, watched: _Watched, receipt: Any, deep_enough: bool) -> None:
         if (watched.status, watched.block) != (S.OBSERVED, receipt["blockNumber"]):
             self._move(watched, S.OBSERVED, block=receipt["blockNumber"])
-        if deep_enough:
+        if deep_enough and watched.status == S.OBSERVED:
             if receipt["status"] == 1:
                 self._move(watched, S.CONFIRMED)
             else:
