@@ -6,8 +6,10 @@ from collections.abc import Mapping
 
 from eth_abi import encode as abi_encode
 from web3 import Web3
+from web3.exceptions import Web3Exception
 
 from scrapy_x402._networks import evm_chain_id
+from scrapy_x402._redact import hide_in_logs, redact, redact_url
 
 BALANCE_OF = bytes.fromhex("70a08231")  # balanceOf(address)
 AUTHORIZATION_STATE = bytes.fromhex("e94a0102")  # authorizationState(address,bytes32)
@@ -17,13 +19,30 @@ class ChainMismatch(Exception):
     pass
 
 
+class ChainUnreachable(OSError):
+    """The RPC did not answer; the message names it by scheme, host and port only."""
+
+
 def connect(rpc_url: str, network: str) -> Web3:
-    """A web3 client for ``network``, refusing an RPC that serves another chain."""
-    w3 = Web3(Web3.HTTPProvider(rpc_url, request_kwargs={"timeout": 30}))
-    actual = w3.eth.chain_id
+    """A web3 client for ``network``, refusing an RPC that serves another chain.
+
+    Without web3's silent retries: a retried eth_sendRawTransaction whose first attempt
+    reached the node comes back "already known" or "nonce too low", hiding a transfer that
+    was sent. Callers decide what is safe to repeat.
+    """
+    hide_in_logs(rpc_url)
+    provider = Web3.HTTPProvider(
+        rpc_url, request_kwargs={"timeout": 30}, exception_retry_configuration=None
+    )
+    w3 = Web3(provider)
+    try:
+        actual = w3.eth.chain_id
+    except (OSError, Web3Exception) as e:
+        raise ChainUnreachable(redact(f"{network} RPC: {e}", [rpc_url])) from None
     if actual != evm_chain_id(network):
         raise ChainMismatch(
-            f"the RPC URL for {network} serves chain id {actual}; refusing to use it"
+            f"the RPC URL for {network} ({redact_url(rpc_url)}) serves chain id {actual}; "
+            "refusing to use it"
         )
     return w3
 

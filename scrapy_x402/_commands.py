@@ -275,7 +275,10 @@ def _settle(
             ],
         )
     )
-    return 1 if any(o.status in ("failed", "pending") for o in outcomes) else 0
+    # Reverted and replaced transfers were not paid (their payments are owed again).
+    return (
+        1 if any(o.status in ("failed", "pending", "reverted", "replaced") for o in outcomes) else 0
+    )
 
 
 def _report_rows(ledger: Ledger, assets: AssetTable) -> list[dict[str, Any]]:

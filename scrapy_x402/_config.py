@@ -45,6 +45,7 @@ class X402Config:
     bot_auth_label: str = "sig1"
     bot_auth_validity: int = 60
     close_on_budget_exhausted: bool = False
+    confirmations: int | None = None  # None: 1 on local dev chains, 3 elsewhere
     crawler_price_header: str = "crawler-max-price"
     crawler_retry_backoff: float = 1.0
     crawler_retry_times: int = 2
@@ -91,6 +92,7 @@ class X402Config:
             bot_auth_label=settings.get("X402_BOT_AUTH_LABEL", "sig1"),
             bot_auth_validity=settings.getint("X402_BOT_AUTH_VALIDITY", 60),
             close_on_budget_exhausted=settings.getbool("X402_CLOSE_ON_BUDGET_EXHAUSTED"),
+            confirmations=_confirmations(settings.get("X402_CONFIRMATIONS")),
             crawler_retry_backoff=settings.getfloat("X402_CRAWLER_RETRY_BACKOFF", 1.0),
             crawler_retry_times=settings.getint("X402_CRAWLER_RETRY_TIMES", 2),
             crawler_price_header=_choice(
@@ -157,6 +159,14 @@ def _gwei(value: Any) -> int | None:
     if not gwei.is_finite() or gwei <= 0:
         raise ValueError(f"X402_MAX_GAS_PRICE must be positive, got {value!r}")
     return int(gwei.scaleb(9))
+
+
+def _confirmations(value: Any) -> int | None:
+    if value in (None, ""):
+        return None
+    if int(value) < 1:
+        raise ValueError(f"X402_CONFIRMATIONS must be 1 or more, got {value!r}")
+    return int(value)
 
 
 def _schemes(names: list[str]) -> tuple[str, ...]:

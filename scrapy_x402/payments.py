@@ -2,7 +2,8 @@
 against.
 
 Every change of a payment's status goes through a ``PaymentBook`` method named for the event
-(reserve, confirm, not_served, expire, collected, resend, settle_begin, settle_end, invoice).
+(reserve, confirm, not_served, unsent, expire, collected, resend, settle_begin, settle_mark,
+settle_end, invoice); so does every change of a settlement's (``SETTLEMENT_TRANSITIONS``).
 Each one checks the move against ``TRANSITIONS``, changes the row and the budget counters in one
 transaction of the store, and says whether it happened. Budgets are enforced by the store: a
 reservation is a conditional update (``spent + amount <= limit``), so processes sharing a store
@@ -19,7 +20,14 @@ from dataclasses import dataclass
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
-from scrapy_x402.ledger import Ledger, PaymentRecord, Settlement, Status
+from scrapy_x402.ledger import (
+    IllegalTransition,
+    Ledger,
+    PaymentRecord,
+    Settlement,
+    SettlementStatus,
+    Status,
+)
 from scrapy_x402.ledger._base import COUNT_UNITS, TOTAL_KEY, counted_units
 
 logger = logging.getLogger(__name__)
@@ -48,6 +56,25 @@ TRANSITIONS: dict[tuple[str | None, str], str] = {
     (Status.SETTLING, Status.SETTLED): KEEP,  # its settlement is confirmed
     (Status.SETTLING, Status.ACCEPTED): KEEP,  # its settlement reverted or was replaced
     (Status.ACCEPTED, Status.SETTLED): KEEP,  # an invoice paid it (Cloudflare)
+}
+
+_S = SettlementStatus
+# A settlement transaction: only what the chain shows moves it on.
+SETTLEMENT_TRANSITIONS: dict[str, frozenset[str]] = {
+    _S.SIGNED: frozenset({_S.BROADCAST, _S.OBSERVED, _S.REPLACED}),
+    _S.BROADCAST: frozenset({_S.OBSERVED, _S.REPLACED}),
+    # observed -> observed: a reorg moved it to another block; -> broadcast: out of any.
+    _S.OBSERVED: frozenset({_S.OBSERVED, _S.BROADCAST, _S.CONFIRMED, _S.REVERTED}),
+    _S.CONFIRMED: frozenset(),
+    _S.REVERTED: frozenset(),
+    _S.REPLACED: frozenset(),
+    _S.FAILED: frozenset(),
+}
+# What a settlement's final status does to its payments.
+SETTLEMENT_PAYMENTS_AFTER = {
+    _S.CONFIRMED: Status.SETTLED,
+    _S.REVERTED: Status.ACCEPTED,
+    _S.REPLACED: Status.ACCEPTED,
 }
 
 # Signed transfers anyone holding the signature can collect until they expire.
@@ -210,8 +237,8 @@ class PaymentBook:
             with self.store.transaction():
                 self.store.execute(
                     "INSERT INTO x402_settlements (id, network, asset, payer, payee, amount, "
-                    "payment_count, status, raw_tx, tx_nonce, reason, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "payment_count, status, raw_tx, tx_nonce, reason, block_number, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         s.id,
                         s.network,
@@ -220,9 +247,10 @@ class PaymentBook:
                         s.payee,
                         str(s.amount),
                         s.payment_count,
-                        "pending",
+                        SettlementStatus.SIGNED,
                         s.raw_tx,
                         s.tx_nonce,
+                        None,
                         None,
                         now,
                         now,
@@ -238,24 +266,34 @@ class PaymentBook:
             return False
         return True
 
-    def settle_end(self, settlement_id: str, confirmed: bool, reason: str | None = None) -> bool:
-        """Confirmed: its payments are settled. Failed: they are owed again."""
-        now = int(time.time())
+    def settle_mark(self, settlement_id: str, status: str, block: int | None = None) -> None:
+        """An open settlement seen broadcast, or mined in ``block`` (observed)."""
+        if status not in SettlementStatus.OPEN:
+            raise ValueError(f"{status} is not an open settlement status")
         with self.store.transaction():
-            cursor = self.store.execute(
-                "UPDATE x402_settlements SET status = ?, reason = ?, updated_at = ? "
-                "WHERE id = ? AND status = ?",
-                ("confirmed" if confirmed else "failed", reason, now, settlement_id, "pending"),
-            )
-            if cursor.rowcount != 1:
-                self._invalid(f"settlement {settlement_id} is not pending")
-                return False
+            self._move_settlement(settlement_id, status, "block_number", block)
+
+    def settle_end(self, settlement_id: str, status: str, reason: str | None = None) -> None:
+        """Confirmed: its payments are settled. Reverted or replaced: they are owed again."""
+        payments = SETTLEMENT_PAYMENTS_AFTER[status]
+        with self.store.transaction():
+            self._move_settlement(settlement_id, status, "reason", reason)
+            # What the chain shows is recorded even if a payment is not where it should be
+            # (logged and counted by _move).
             for pid in self.store.payment_ids(settlement_id):
-                if confirmed:
-                    self._move(pid, (Status.SETTLING,), Status.SETTLED, {})
-                else:
-                    self._move(pid, (Status.SETTLING,), Status.ACCEPTED, {"settlement_id": None})
-        return True
+                fields = {} if payments == Status.SETTLED else {"settlement_id": None}
+                self._move(pid, (Status.SETTLING,), payments, fields)
+
+    def _move_settlement(self, settlement_id: str, status: str, column: str, value: Any) -> None:
+        """The one place a settlement's status is written: checked against its transitions."""
+        current = self.store.settlement_status(settlement_id)
+        if current is None or status not in SETTLEMENT_TRANSITIONS[current]:
+            self._invalid(f"settlement {settlement_id}: {current} -> {status}")
+            raise IllegalTransition(settlement_id, current, status)
+        self.store.execute(
+            f"UPDATE x402_settlements SET status = ?, {column} = ?, updated_at = ? WHERE id = ?",
+            (status, value, int(time.time()), settlement_id),
+        )
 
     # -- the one place that writes -------------------------------------------------------
 

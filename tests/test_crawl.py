@@ -437,5 +437,5 @@ async def test_a_resumed_exact_payment_is_counted_once(tmp_path, x402_settings, 
     assert len(items) == 2
     assert stats.get("x402/budget_exceeded/127.0.0.1") is None
     assert stats["x402/payment_count"] == 1  # /news/1 still fits: the held one counted once
-    rows = dict((r[0], r[1]) for r in ledger_rows(settings))
+    rows = {r[0]: r[1] for r in ledger_rows(settings)}
     assert rows[signed.id] == Status.HELD

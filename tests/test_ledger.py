@@ -9,7 +9,7 @@ import pytest
 
 from scrapy_x402.ledger import PaymentRecord, SchemaTooNew, Settlement, Status, open_ledger
 from scrapy_x402.ledger._base import TOTAL_KEY
-from scrapy_x402.payments import TRANSITIONS, Limits, PaymentBook
+from scrapy_x402.payments import SETTLEMENT_TRANSITIONS, TRANSITIONS, Limits, PaymentBook
 
 PLENTY = Limits(Decimal(100), None)
 
@@ -119,7 +119,9 @@ def test_owed_totals_group_by_payee_and_keep_big_amounts_exact(book, ledger):
     assert ledger.owed("0xSOMEONE_ELSE") == []
 
 
-def test_settlement_confirm_and_fail(book, ledger):
+def test_settlement_confirm_and_replace(book, ledger):
+    from scrapy_x402.ledger import IllegalTransition
+
     for n in range(2):
         book.reserve(record(n), PLENTY)
         book.confirm(record(n).id, Status.ACCEPTED)
@@ -132,22 +134,26 @@ def test_settlement_confirm_and_fail(book, ledger):
         owed.payee,
         owed.amount,
         2,
-        "pending",
+        "signed",
         "0xRAW",
         7,
     )
     assert book.settle_begin(s, owed.payment_ids)
     assert ledger.owed("0xME") == []
-    assert [x.id for x in ledger.settlements("pending")] == ["0xTX1"]
+    assert [x.id for x in ledger.settlements("signed")] == ["0xTX1"]
     assert not book.settle_begin(replace(s, id="0xTX2"), owed.payment_ids)  # never two
-    book.settle_end("0xTX1", confirmed=False, reason="reverted")
+    with pytest.raises(IllegalTransition):
+        book.settle_end("0xTX1", "confirmed")  # never seen mined
+    book.settle_end("0xTX1", "replaced", reason="nonce used by another transaction")
     assert ledger.owed("0xME")[0].payment_ids == owed.payment_ids  # owed again
     assert book.settle_begin(replace(s, id="0xTX3"), owed.payment_ids)
-    book.settle_end("0xTX3", confirmed=True)
+    book.settle_mark("0xTX3", "broadcast")
+    book.settle_mark("0xTX3", "observed", block=9)
+    book.settle_end("0xTX3", "confirmed")
     assert {ledger.get_status(i) for i in owed.payment_ids} == {Status.SETTLED}
     # The refused 0xTX2 was rolled back whole.
     assert [(x.id, x.status) for x in ledger.settlements()] == [
-        ("0xTX1", "failed"),
+        ("0xTX1", "replaced"),
         ("0xTX3", "confirmed"),
     ]
     assert ledger.spent_by_budget("r1") == {"a.example": Decimal("0.02")}
@@ -155,6 +161,8 @@ def test_settlement_confirm_and_fail(book, ledger):
 
 def test_every_declared_transition_has_a_budget_effect():
     assert set(TRANSITIONS.values()) <= {"reserve", "charge", "keep", "release"}
+    for status, following in SETTLEMENT_TRANSITIONS.items():
+        assert following <= set(SETTLEMENT_TRANSITIONS), status
 
 
 def test_a_schema_1_ledger_is_migrated_with_its_budgets(tmp_path):

@@ -26,6 +26,34 @@ class Status:
 TOTAL_KEY = "*"  # the budget row of X402_MAX_TOTAL
 
 
+class SettlementStatus:
+    """Where a settlement transaction stands; only the chain moves it on (the transitions are
+    declared in ``scrapy_x402.payments``)."""
+
+    SIGNED = "signed"  # recorded before broadcast: a node may or may not hold it
+    BROADCAST = "broadcast"  # a node took it; in no block we know of
+    OBSERVED = "observed"  # in block ``block_number``, not yet deep enough to be final
+    CONFIRMED = "confirmed"  # succeeded, deep enough: its payments are settled
+    REVERTED = "reverted"  # failed on-chain, deep enough: its payments are owed again
+    REPLACED = "replaced"  # its nonce used, deep enough, by another transaction: owed again
+    FAILED = "failed"  # old ledgers only: refused by the node, never sent
+
+    # Could still be mined: its payments stay settling (counted, never owed twice).
+    OPEN = (SIGNED, BROADCAST, OBSERVED)
+    # Written by older versions for what is now "signed": recovered the same way.
+    LEGACY = {"pending": SIGNED}
+
+
+class IllegalTransition(ValueError):
+    """A settlement status change the state machine does not allow; nothing was written."""
+
+    def __init__(self, settlement_id: str, current: str | None, wanted: str):
+        super().__init__(f"settlement {settlement_id}: {current} -> {wanted} is not allowed")
+        self.settlement_id = settlement_id
+        self.current = current
+        self.wanted = wanted
+
+
 @dataclass(frozen=True)
 class PaymentRecord:
     id: str
@@ -84,10 +112,11 @@ class Settlement:
     payee: str
     amount: int
     payment_count: int
-    status: str  # pending, confirmed, failed
+    status: str  # a SettlementStatus
     raw_tx: str  # signed, so a crashed settlement can be re-broadcast unchanged
     tx_nonce: int
     reason: str | None = None
+    block_number: int | None = None  # where it was last seen mined
 
 
 @dataclass(frozen=True)
@@ -169,7 +198,8 @@ SCHEMA = [
         payment_count INTEGER NOT NULL,
         raw_tx TEXT NOT NULL,
         tx_nonce BIGINT NOT NULL,
-        reason TEXT
+        reason TEXT,
+        block_number BIGINT
     )""",
 ]
 COUNT_UNITS = 10**9  # budgets count nano-USD: integers, so the store can compare them
@@ -185,7 +215,8 @@ class SchemaTooNew(Exception):
 
 
 _SETTLEMENT_COLUMNS = (
-    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason"
+    "id, network, asset, payer, payee, amount, payment_count, status, raw_tx, tx_nonce, reason, "
+    "block_number"
 )
 
 
@@ -227,6 +258,8 @@ class Ledger(ABC):
                 )
             for statement in SCHEMA:
                 self.execute(statement)
+            if "block_number" not in (self._columns("x402_settlements") or set()):
+                self.execute("ALTER TABLE x402_settlements ADD COLUMN block_number BIGINT")
             if version == 1:
                 self._count_v1_payments()
             if version < SCHEMA_VERSION:
@@ -249,6 +282,12 @@ class Ledger(ABC):
         except Exception:
             return 0
         return 1
+
+    def _columns(self, table: str) -> set[str] | None:
+        try:
+            return {c[0] for c in self.execute(f"SELECT * FROM {table} WHERE 1 = 0").description}
+        except Exception:  # no such table
+            return None
 
     def _count_v1_payments(self) -> None:
         """Schema 1 kept budgets in memory: count its payments into x402_budgets once."""
@@ -368,14 +407,35 @@ class Ledger(ABC):
         ]
 
     def settlements(self, status: str | None = None) -> list[Settlement]:
+        """All settlements, or those in one status; old "pending" rows read as "signed"."""
+        legacy = [old for old, new in SettlementStatus.LEGACY.items() if new == status]
         sql = f"SELECT {_SETTLEMENT_COLUMNS} FROM x402_settlements"
         params: tuple[str, ...] = ()
         if status:
-            sql, params = sql + " WHERE status = ?", (status,)
+            statuses = (status, *legacy)
+            sql += f" WHERE status IN ({', '.join('?' for _ in statuses)})"
+            params = statuses
         return [
-            Settlement(r[0], r[1], r[2], r[3], r[4], int(r[5]), *r[6:])
+            Settlement(
+                id=r[0],
+                network=r[1],
+                asset=r[2],
+                payer=r[3],
+                payee=r[4],
+                amount=int(r[5]),
+                payment_count=r[6],
+                status=SettlementStatus.LEGACY.get(r[7], r[7]),
+                raw_tx=r[8],
+                tx_nonce=r[9],
+                reason=r[10],
+                block_number=r[11],
+            )
             for r in self.query(sql + " ORDER BY created_at, id", params)
         ]
+
+    def settlement_status(self, settlement_id: str) -> str | None:
+        rows = self.query("SELECT status FROM x402_settlements WHERE id = ?", (settlement_id,))
+        return SettlementStatus.LEGACY.get(rows[0][0], rows[0][0]) if rows else None
 
     def payment_ids(self, settlement_id: str) -> list[str]:
         return [
