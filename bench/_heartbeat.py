@@ -12,6 +12,7 @@ gap is longer than ``STALL``, so the report says which call the reactor was in.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import threading
@@ -24,10 +25,12 @@ from scrapy.utils.reactor import install_reactor
 
 install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
 
-from scrapy import Spider, signals
+from scrapy import signals
 from scrapy.crawler import CrawlerProcess
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
+
+from bench.crawl import Pages
 
 TICK = 0.005  # seconds between heartbeats
 STALL = 0.020  # a gap longer than this is sampled by the watchdog (--diagnose)
@@ -36,31 +39,28 @@ KEEP = 20  # longest gaps reported
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-class Pages(Spider):
-    name = "pages"
-
-    def __init__(self, urls_file: str, **kwargs):
-        super().__init__(**kwargs)
-        with open(urls_file, encoding="utf-8") as f:
-            self.start_urls = f.read().split()
-
-    def parse(self, response):
-        yield {"url": response.url}
-
-
 class Heartbeat:
+    """The gaps between ticks: (seconds, when the gap ended in seconds since the first tick,
+    CPU seconds the reactor thread used during it, CPU seconds the whole process used). A gap
+    the reactor thread spent running (CPU ≈ gap) is work on the reactor; one it spent off
+    the CPU is a wait: for the GIL (process CPU ≈ gap: another thread held it), for a
+    blocking call, or for a core (the machine was busy)."""
+
     def __init__(self) -> None:
         self.last: float | None = None
-        self.gaps: list[tuple[float, float]] = []  # (gap in s, when it ended, s since start)
+        self.gaps: list[tuple[float, float, float, float]] = []
         self.start = 0.0
         self.marks: dict[str, float] = {}
         self.loop = LoopingCall(self.tick)
+        self._cpu = (0.0, 0.0)
 
     def tick(self) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), (time.thread_time(), time.process_time())
         if self.last is not None:
-            self.gaps.append((now - self.last, now - self.start))
-        self.last = now
+            self.gaps.append(
+                (now - self.last, now - self.start, cpu[0] - self._cpu[0], cpu[1] - self._cpu[1])
+            )
+        self.last, self._cpu = now, cpu
 
     def begin(self) -> None:
         self.start = time.perf_counter()
@@ -73,6 +73,28 @@ class Heartbeat:
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.perf_counter() - self.start)
+
+
+class Collections:
+    """Garbage collections longer than 5 ms, in any thread (each holds the GIL, so the
+    reactor waits for it): (start, ms, generation, thread name)."""
+
+    def __init__(self, heartbeat: Heartbeat):
+        self.heartbeat = heartbeat
+        self.long: list[tuple[float, float, int, str]] = []
+        self._began: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._began[threading.get_ident()] = now
+            return
+        began = self._began.pop(threading.get_ident(), now)
+        if now - began > 0.005 and self.heartbeat.start:
+            thread = threading.current_thread().name
+            self.long.append(
+                (began - self.heartbeat.start, 1000 * (now - began), info["generation"], thread)
+            )
 
 
 class Watchdog(threading.Thread):
@@ -133,6 +155,8 @@ def main() -> None:
         crawler.signals.connect(lambda name=name, **_: heartbeat.mark(name), signal, weak=False)
     reactor.callWhenRunning(heartbeat.begin)  # type: ignore[attr-defined]
     reactor.addSystemEventTrigger("before", "shutdown", heartbeat.end)  # type: ignore[attr-defined]
+    collections = Collections(heartbeat)
+    gc.callbacks.append(collections)
     watchdog = Watchdog(heartbeat, threading.get_ident()) if diagnose else None
     if watchdog is not None:
         watchdog.start()
@@ -143,24 +167,27 @@ def main() -> None:
         watchdog.join()
     stats = crawler.stats.get_stats()
     closed = heartbeat.marks.get("spider_closed", float("inf"))
-    crawl_gaps = [g for g, at in heartbeat.gaps if at <= closed]
-    close_gaps = [g for g, at in heartbeat.gaps if at > closed]
-    longest = sorted(heartbeat.gaps, reverse=True)[:KEEP]
+    gaps = heartbeat.gaps
+    crawl_gaps = [g[0] for g in gaps if g[1] <= closed]
+    close_gaps = [g[0] for g in gaps if g[1] > closed]
+    longest = sorted(gaps, reverse=True)[:KEEP]
     report = {
         "items": stats.get("item_scraped_count", 0),
         "paid": stats.get("x402/payment_count", 0),
         "preauthorized": stats.get("x402/preauthorized", 0),
         "settled": stats.get("x402/settled_payment_count", 0),
         "settlements": stats.get("x402/settlement/confirmed", 0),
-        "ticks": len(heartbeat.gaps),
+        "ticks": len(gaps),
         "marks": heartbeat.marks,
         "close_seconds": heartbeat.marks.get("engine_stopped", 0.0) - closed,
-        "worst_gap_ms": 1000 * max(g for g, _ in heartbeat.gaps),
+        "worst_gap_ms": 1000 * max(g[0] for g in gaps),
         "worst_crawl_gap_ms": 1000 * max(crawl_gaps, default=0.0),
         "worst_close_gap_ms": 1000 * max(close_gaps, default=0.0),
-        "gaps_over_20ms": sum(g > 0.020 for g, _ in heartbeat.gaps),
-        "gaps_over_50ms": sum(g > 0.050 for g, _ in heartbeat.gaps),
-        "longest": [[1000 * g, at] for g, at in longest],
+        "gaps_over_20ms": sum(g[0] > 0.020 for g in gaps),
+        "gaps_over_50ms": sum(g[0] > 0.050 for g in gaps),
+        # (ms, ended at s, reactor thread CPU ms, process CPU ms)
+        "longest": [[1000 * g, at, 1000 * cpu, 1000 * pcpu] for g, at, cpu, pcpu in longest],
+        "collections": collections.long,
     }
     if watchdog is not None:
         # Each sampled stall: its start (s since the heartbeat began) and its stacks, most

@@ -5,7 +5,8 @@ answers slowly, against an unpaid crawl of the same site.
 The RPC is anvil behind a proxy that adds RPC_DELAY to every JSON-RPC call, as a remote
 node would: if any chain call ran on the reactor, the heartbeat would miss at least that
 long. The paid crawl's gaps cover the whole crawl and its close (spider_closed, the
-settlement, the ledger's close). When the worst gap is over LIMIT_MS, the paid crawl runs
+settlement, the ledger's close); ``reactor_settlement_seconds`` is that close, from
+spider_closed to engine_stopped. When the worst gap is over LIMIT_MS, the paid crawl runs
 again with a watchdog that samples the reactor thread's stack during each stall and the
 stacks are printed.
 
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -99,11 +101,14 @@ def crawl(tmp: Path, name: str, urls: list[str], settings: dict, env: dict[str, 
     run = json.loads(out.stdout.strip().splitlines()[-1])
     assert run["items"] == len(urls), (name, run)
     close = f", close {run['close_seconds']:.2f} s" if run["paid"] else ""
+    collections = run["collections"]
+    longest_gc = max((c[1] for c in collections), default=0.0)
     print(
         f"{name:<8} {run['items']} pages, {run['ticks']} ticks: worst gap "
         f"{run['worst_gap_ms']:.1f} ms (crawl {run['worst_crawl_gap_ms']:.1f}, close "
         f"{run['worst_close_gap_ms']:.1f}); gaps > 20 ms: {run['gaps_over_20ms']}, "
-        f"> 50 ms: {run['gaps_over_50ms']}{close}  (paid {run['paid']}, pre-authorised "
+        f"> 50 ms: {run['gaps_over_50ms']}; garbage collections > 5 ms: {len(collections)} "
+        f"(longest {longest_gc:.1f} ms){close}  (paid {run['paid']}, pre-authorised "
         f"{run['preauthorized']}, settled {run['settled']} in {run['settlements']} transactions)"
     )
     return run
@@ -112,12 +117,21 @@ def crawl(tmp: Path, name: str, urls: list[str], settings: dict, env: dict[str, 
 def print_stalls(run: dict[str, Any]) -> None:
     """The sampled stacks of the stalls longer than LIMIT_MS, longest first."""
     marks = run["marks"]
-    for gap_ms, ended in run["longest"]:
+    for gap_ms, ended, cpu_ms, process_ms in run["longest"]:
         if gap_ms <= LIMIT_MS:
             break
         started = ended - gap_ms / 1000
         phase = "close" if ended > marks.get("spider_closed", float("inf")) else "crawl"
-        print(f"\n## stall of {gap_ms:.1f} ms at {started:.3f} s ({phase})")
+        print(
+            f"\n## stall of {gap_ms:.1f} ms at {started:.3f} s ({phase}): the reactor thread "
+            f"ran {cpu_ms:.1f} ms of it, the process {process_ms:.1f} ms"
+        )
+        for at, ms, generation, thread in run["collections"]:
+            if started - 0.001 <= at <= ended:
+                print(
+                    f"   of which a garbage collection (generation {generation}, in thread "
+                    f"{thread}): {ms:.1f} ms"
+                )
         stacks = [s for start, s in run["stalls"] if abs(start - started) < 0.002]
         if not stacks:
             print("   (not sampled: the watchdog did not get the GIL during it)")
@@ -165,12 +179,13 @@ def main() -> None:
             paid = [f"{site}/paid/{i % PAYEES}/{i}" for i in range(PAGES)]
             unpaid_run = crawl(tmp, "unpaid", free, {}, env)
             paid_run = crawl(tmp, "paid", paid, settings("paid"), env)
-            rpc_calls = len(calls)
+            methods = Counter(calls)
             assert paid_run["settled"] == PAGES, paid_run
             print(
-                f"settlement at close: {paid_run['settlements']} transactions, {rpc_calls} RPC "
+                f"settlement at close: {paid_run['settlements']} transactions, {len(calls)} RPC "
                 f"calls at +{RPC_DELAY * 1000:.0f} ms each, {paid_run['close_seconds']:.2f} s "
-                f"from spider_closed to engine_stopped"
+                f"from spider_closed to engine_stopped; calls: "
+                + ", ".join(f"{m} {n}" for m, n in methods.most_common())
             )
             if paid_run["worst_gap_ms"] > LIMIT_MS:
                 print(f"\n# worst gap over {LIMIT_MS} ms: the paid crawl again, sampled")
