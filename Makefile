@@ -28,8 +28,10 @@ test: setup
 bench: setup
 	$(BIN)/python -m bench.signing
 	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.refusal
 	$(BIN)/python -m bench.settlement
 	$(BIN)/python -m bench.throughput
+	$(BIN)/python -m bench.reactor
 
 lint: setup
 	$(BIN)/ruff check .

@@ -35,6 +35,9 @@ def connect(rpc_url: str, network: str) -> Web3:
         rpc_url, request_kwargs={"timeout": 30}, exception_retry_configuration=None
     )
     w3 = Web3(provider)
+    # web3's validation asks the node for the chain id before every call and estimate: the
+    # chain is checked once, here, and every transaction we sign names it.
+    w3.middleware_onion.remove("validation")
     try:
         actual = w3.eth.chain_id
     except (OSError, Web3Exception) as e:

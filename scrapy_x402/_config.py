@@ -51,6 +51,7 @@ class X402Config:
     crawler_retry_times: int = 2
     debug: bool = False
     default_budget: Decimal = Decimal(0)
+    freeze_gc: bool = True
     item_receipt_field: str | None = None
     keystore_password_env: str = "X402_KEYSTORE_PASSWORD"
     keystore_path: str | None = None
@@ -104,6 +105,7 @@ class X402Config:
             default_budget=parse_usd(
                 settings.get("X402_DEFAULT_BUDGET", "0"), "X402_DEFAULT_BUDGET"
             ),
+            freeze_gc=settings.getbool("X402_FREEZE_GC", True),
             item_receipt_field=settings.get("X402_ITEM_RECEIPT_FIELD") or None,
             keystore_password_env=settings.get(
                 "X402_KEYSTORE_PASSWORD_ENV", "X402_KEYSTORE_PASSWORD"

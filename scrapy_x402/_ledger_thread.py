@@ -1,8 +1,9 @@
 """The ledger's own thread: every store call of a crawl runs there, never on the reactor.
 
-Calls that arrive while it commits wait and are then committed together, each in its own
-savepoint: one fsync for all the payments of a busy moment, and a call that fails leaves
-the others of its group intact. A call's result is delivered once its group is durable.
+Calls that arrive while it commits wait and are then committed together: one fsync for all the
+payments of a busy moment. Each PaymentBook call is a transaction of its own (a savepoint of
+the group's), so one that fails leaves the others intact. A call's result is delivered once its
+group is durable.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class LedgerThread:
         try:
             with self.store.transaction():
                 for fn, done in group:
+                    # A book call is a transaction of its own (a savepoint here): one that
+                    # fails has rolled itself back, and leaves the others of its group intact.
                     try:
-                        with self.store.transaction():  # a savepoint: fails alone
-                            results.append((done, True, fn()))
+                        results.append((done, True, fn()))
                     except Exception:
                         results.append((done, False, Failure()))
         except Exception:
@@ -91,5 +93,13 @@ class LedgerThread:
             failure = Failure()
             logger.error("x402: the ledger could not commit: %s", failure.getErrorMessage())
             results = [(done, False, failure) for _, done in group]
-        for done, ok, result in results:
-            self._reactor.callFromThread(done.callback if ok else done.errback, result)
+        self._reactor.callFromThread(_deliver, results)
+
+
+def _deliver(results: list[tuple[Deferred, bool, Any]]) -> None:
+    """On the reactor: one wake-up for a whole group."""
+    for done, ok, result in results:
+        if ok:
+            done.callback(result)
+        else:
+            done.errback(result)

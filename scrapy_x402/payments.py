@@ -107,37 +107,41 @@ class PaymentBook:
         None, or the budget key (or ``TOTAL_KEY``) that refused it; then nothing changed."""
         units = counted_units(record.usd)
         now = int(time.time())
-        with self.store.transaction():
-            refused = self._count(record.run_id, record.budget_key, units, limits)
-            if refused is not None:
-                return refused
-            self.store.execute(
-                "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
-                "network, asset, payer, payee, amount, usd, domain, budget_key, url, "
-                "valid_until, payload, counted) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.run_id,
-                    now,
-                    now,
-                    Status.RESERVED,
-                    record.scheme,
-                    record.network,
-                    record.asset,
-                    record.payer,
-                    record.payee,
-                    str(record.amount),
-                    str(record.usd),
-                    record.domain,
-                    record.budget_key,
-                    record.url,
-                    record.valid_until,
-                    json.dumps(record.payload, sort_keys=True),
-                    units,
-                ),
-            )
+        try:
+            with self.store.transaction():
+                self._count(record.run_id, record.budget_key, units, limits)
+                self._insert(record, units, now)
+        except _Refused as refused:
+            return str(refused)
         return None
+
+    def _insert(self, record: PaymentRecord, units: int, now: int) -> None:
+        self.store.execute(
+            "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
+            "network, asset, payer, payee, amount, usd, domain, budget_key, url, "
+            "valid_until, payload, counted) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.run_id,
+                now,
+                now,
+                Status.RESERVED,
+                record.scheme,
+                record.network,
+                record.asset,
+                record.payer,
+                record.payee,
+                str(record.amount),
+                str(record.usd),
+                record.domain,
+                record.budget_key,
+                record.url,
+                record.valid_until,
+                json.dumps(record.payload, sort_keys=True),
+                units,
+            ),
+        )
 
     def confirm(
         self,
@@ -208,7 +212,10 @@ class PaymentBook:
             return True
         if row.status not in (Status.FAILED, Status.REJECTED):
             return False
-        return self._move(payment_id, (row.status,), Status.RESERVED, {"reason": None}, limits)
+        try:
+            return self._move(payment_id, (row.status,), Status.RESERVED, {"reason": None}, limits)
+        except _Refused:
+            return False
 
     def invoice(self, network: str, start: int, end: int, invoice: str) -> int:
         """Mark a period's owed payments on an invoiced network settled by ``invoice``."""
@@ -319,11 +326,10 @@ class PaymentBook:
                 self._invalid(f"{payment_id}: {row.status} -> {to} is not a transition")
                 return False
             counted = row.counted
-            if effect == RESERVE:
+            if effect == RESERVE:  # raises _Refused: this transaction is rolled back
                 assert limits is not None
                 counted = counted_units(row.usd)
-                if self._count(row.run_id, row.budget_key, counted, limits) is not None:
-                    return False
+                self._count(row.run_id, row.budget_key, counted, limits)
             elif effect == RELEASE:
                 self._uncount(row.run_id, row.budget_key, counted)
                 counted = 0
@@ -340,31 +346,30 @@ class PaymentBook:
                 raise InvalidTransition(f"{payment_id} changed during {row.status} -> {to}")
         return True
 
-    def _count(self, run_id: str, key: str, units: int, limits: Limits) -> str | None:
+    def _count(self, run_id: str, key: str, units: int, limits: Limits) -> None:
         """Count ``units`` against a budget and the total, if both allow it (the store
-        decides: a conditional update); else the key that refused, and nothing changed."""
-        try:
-            with self.store.transaction():
-                self._count_all(run_id, key, units, limits)
-        except _Refused as refused:
-            return str(refused)
-        return None
-
-    def _count_all(self, run_id: str, key: str, units: int, limits: Limits) -> None:
+        decides: a conditional update); else raise _Refused, for the caller's transaction to
+        roll back what was counted."""
         for budget, limit in ((key, limits.budget), (TOTAL_KEY, limits.total)):
-            self.store.execute(
-                "INSERT INTO x402_budgets (run_id, budget_key, spent) SELECT ?, ?, 0 "
-                "WHERE NOT EXISTS (SELECT 1 FROM x402_budgets WHERE run_id = ? "
-                "AND budget_key = ?)",
-                (run_id, budget, run_id, budget),
-            )
-            cursor = self.store.execute(
-                "UPDATE x402_budgets SET spent = spent + ? "
-                "WHERE run_id = ? AND budget_key = ? AND spent + ? <= ?",
-                (units, run_id, budget, units, _limit_units(limit)),
-            )
-            if cursor.rowcount != 1:
+            if not self._count_one(run_id, budget, units, _limit_units(limit)):
                 raise _Refused(budget)
+
+    def _count_one(self, run_id: str, budget: str, units: int, limit: int) -> bool:
+        add = (
+            "UPDATE x402_budgets SET spent = spent + ? "
+            "WHERE run_id = ? AND budget_key = ? AND spent + ? <= ?"
+        )
+        if self.store.execute(add, (units, run_id, budget, units, limit)).rowcount == 1:
+            return True
+        if self.store.query(
+            "SELECT 1 FROM x402_budgets WHERE run_id = ? AND budget_key = ?", (run_id, budget)
+        ):
+            return False  # the budget is there, and has no room
+        self.store.execute(
+            "INSERT INTO x402_budgets (run_id, budget_key, spent) VALUES (?, ?, 0)",
+            (run_id, budget),
+        )
+        return self.store.execute(add, (units, run_id, budget, units, limit)).rowcount == 1
 
     def _uncount(self, run_id: str, key: str, units: int) -> None:
         for budget in (key, TOTAL_KEY):
