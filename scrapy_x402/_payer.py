@@ -12,8 +12,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, ClassVar
-from weakref import WeakKeyDictionary
+from typing import TYPE_CHECKING, Any
 
 from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.httpobj import urlparse_cached
@@ -22,7 +21,7 @@ from scrapy_x402._budget import TOTAL
 from scrapy_x402._config import parse_usd
 from scrapy_x402._networks import evm_chain_id, is_testnet
 from scrapy_x402._protocol import UNKNOWN_AMOUNT, Challenge, Offer
-from scrapy_x402._session import X402Session
+from scrapy_x402._session import PerCrawler, X402Session
 from scrapy_x402.ledger import PaymentRecord, Status
 
 if TYPE_CHECKING:
@@ -41,15 +40,7 @@ MAX_SAID = 1_000  # distinct "said once" messages remembered
 MAX_STAT_PARTS = 100  # distinct values of one {placeholder} stats family; then "other"
 
 
-class Payer:
-    _by_crawler: ClassVar[WeakKeyDictionary[Crawler, Payer]] = WeakKeyDictionary()
-
-    @classmethod
-    def for_crawler(cls, crawler: Crawler) -> Payer:
-        if crawler not in cls._by_crawler:
-            cls._by_crawler[crawler] = cls(crawler)
-        return cls._by_crawler[crawler]
-
+class Payer(PerCrawler):
     def __init__(self, crawler: Crawler):
         self.crawler = crawler
         self.session = X402Session.for_crawler(crawler)

@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from weakref import WeakKeyDictionary
 
 from scrapy import signals
@@ -38,15 +38,29 @@ RUN_ID_FILE = "x402-run-id"
 HOLD_CHECK_INTERVAL = 5  # seconds between checks of expired holds
 
 
-class X402Session:
-    _by_crawler: ClassVar[WeakKeyDictionary[Crawler, X402Session]] = WeakKeyDictionary()
+_T = TypeVar("_T", bound="PerCrawler")
+
+
+class PerCrawler:
+    """One instance per crawler, shared by the components that ask for it."""
+
+    _by_crawler: ClassVar[WeakKeyDictionary[Crawler, Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._by_crawler = WeakKeyDictionary()
+
+    def __init__(self, crawler: Crawler):
+        raise NotImplementedError
 
     @classmethod
-    def for_crawler(cls, crawler: Crawler) -> X402Session:
+    def for_crawler(cls: type[_T], crawler: Crawler) -> _T:
         if crawler not in cls._by_crawler:
             cls._by_crawler[crawler] = cls(crawler)
-        return cls._by_crawler[crawler]
+        return cls._by_crawler[crawler]  # type: ignore[no-any-return]
 
+
+class X402Session(PerCrawler):
     def __init__(self, crawler: Crawler):
         config = X402Config.from_settings(crawler.settings)
         if not config.enabled:

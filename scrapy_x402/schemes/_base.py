@@ -67,8 +67,8 @@ class Scheme(Protocol):
         """The request headers that carry the payment."""
 
 
-class X402Scheme:
-    """Schemes paid with an x402 payment header (v2 PAYMENT-SIGNATURE, v1 X-PAYMENT)."""
+class SchemeBase:
+    """Hooks a scheme needs only when it reads the chain or spends an allowance."""
 
     async def prepare(self, offer: Offer) -> None:
         return None
@@ -78,6 +78,10 @@ class X402Scheme:
 
     def expired(self, network: str, payload: Mapping[str, Any]) -> None:
         return None
+
+
+class X402Scheme(SchemeBase):
+    """Schemes paid with an x402 payment header (v2 PAYMENT-SIGNATURE, v1 X-PAYMENT)."""
 
     def headers(
         self,

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from eth_account.messages import encode_typed_data
 from scrapy.utils.defer import maybe_deferred_to_future
@@ -18,6 +18,9 @@ from web3 import Web3
 from scrapy_x402._chain import PERMIT2, ChainReader, permit2_nonce_used, token_allowance
 from scrapy_x402._redact import redact
 from scrapy_x402.schemes._base import SignedPayment, hex0x
+
+if TYPE_CHECKING:
+    from scrapy_x402._protocol import Offer
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +171,29 @@ class Permit2Allowances:
             self._warned.add(key)
             logger.warning("x402: Permit2 offers for %s on %s are skipped: %s", key[1], key[0], why)
         return reason
+
+
+class Permit2Spending:
+    """What ``exact`` (with assetTransferMethod permit2) and ``upto`` share: the wallet's
+    Permit2 allowance, read off the reactor, spent by signing, given back for signatures never
+    sent or expired unused."""
+
+    permit2: Permit2Allowances | None
+
+    def _uses_permit2(self, offer: Offer) -> bool:
+        return True
+
+    async def prepare(self, offer: Offer) -> None:
+        if self.permit2 is not None and self._uses_permit2(offer):
+            await self.permit2.load(offer.network, offer.asset)
+
+    def discard(self, offer: Offer) -> None:
+        if self.permit2 is not None and self._uses_permit2(offer):
+            self.permit2.give_back(offer.network, offer.asset, offer.amount)
+
+    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
+        if self.permit2 is not None and "permit2Authorization" in payload:
+            self.permit2.give_back_signed(network, payload)
 
 
 def permit2_collected(w3: Web3, payload: Mapping[str, Any]) -> bool:

@@ -34,6 +34,7 @@ from scrapy_x402.schemes._permit2 import (
     EXACT_PROXY,
     EXACT_WITNESS,
     Permit2Allowances,
+    Permit2Spending,
     permit2_collected,
     sign_permit2,
 )
@@ -103,12 +104,8 @@ def _uses_permit2(offer: Offer) -> bool:
     return offer.extra.get("assetTransferMethod") == "permit2"
 
 
-class ExactScheme(X402Scheme):
+class ExactScheme(Permit2Spending, X402Scheme):
     name = "exact"
-
-    @staticmethod
-    def _uses_permit2(offer: Offer) -> bool:
-        return _uses_permit2(offer)
 
     held_until_expiry = True
     needs_wallet = True
@@ -116,17 +113,8 @@ class ExactScheme(X402Scheme):
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2
 
-    async def prepare(self, offer: Offer) -> None:
-        if self.permit2 is not None and self._uses_permit2(offer):
-            await self.permit2.load(offer.network, offer.asset)
-
-    def discard(self, offer: Offer) -> None:
-        if self.permit2 is not None and self._uses_permit2(offer):
-            self.permit2.give_back(offer.network, offer.asset, offer.amount)
-
-    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
-        if self.permit2 is not None and "permit2Authorization" in payload:
-            self.permit2.give_back_signed(network, payload)
+    def _uses_permit2(self, offer: Offer) -> bool:
+        return _uses_permit2(offer)
 
     def refusal(self, offer: Offer) -> str | None:
         if evm_chain_id(offer.network) is None:

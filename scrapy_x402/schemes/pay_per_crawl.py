@@ -18,13 +18,13 @@ from scrapy_x402._protocol import (
     parse_usd_cents,
 )
 from scrapy_x402.ledger import Status
-from scrapy_x402.schemes._base import Confirmation, SignedPayment
+from scrapy_x402.schemes._base import Confirmation, SchemeBase, SignedPayment
 from scrapy_x402.schemes._cloudflare import VALIDITY, cloudflare_refusal
 
 logger = logging.getLogger(__name__)
 
 
-class PayPerCrawlScheme:
+class PayPerCrawlScheme(SchemeBase):
     name = "pay-per-crawl"
     held_until_expiry = False  # only successful responses are billed
     needs_wallet = False
@@ -35,15 +35,6 @@ class PayPerCrawlScheme:
 
     def refusal(self, offer: Offer) -> str | None:
         return cloudflare_refusal(offer, self.identity)
-
-    async def prepare(self, offer: Offer) -> None:
-        return None
-
-    def discard(self, offer: Offer) -> None:
-        return None
-
-    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
-        return None
 
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int

@@ -24,6 +24,7 @@ from scrapy_x402.schemes._permit2 import (
     UPTO_PROXY,
     UPTO_WITNESS,
     Permit2Allowances,
+    Permit2Spending,
     permit2_collected,
     sign_permit2,
 )
@@ -32,30 +33,14 @@ from scrapy_x402.schemes.exact import CLOCK_SKEW
 logger = logging.getLogger(__name__)
 
 
-class UptoScheme(X402Scheme):
+class UptoScheme(Permit2Spending, X402Scheme):
     name = "upto"
-
-    @staticmethod
-    def _uses_permit2(offer: Offer) -> bool:
-        return True  # upto is always a Permit2 transfer
 
     held_until_expiry = True
     needs_wallet = True
 
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2
-
-    async def prepare(self, offer: Offer) -> None:
-        if self.permit2 is not None and self._uses_permit2(offer):
-            await self.permit2.load(offer.network, offer.asset)
-
-    def discard(self, offer: Offer) -> None:
-        if self.permit2 is not None and self._uses_permit2(offer):
-            self.permit2.give_back(offer.network, offer.asset, offer.amount)
-
-    def expired(self, network: str, payload: Mapping[str, Any]) -> None:
-        if self.permit2 is not None and "permit2Authorization" in payload:
-            self.permit2.give_back_signed(network, payload)
 
     def refusal(self, offer: Offer) -> str | None:
         if evm_chain_id(offer.network) is None:
