@@ -56,8 +56,14 @@ class X402DownloaderMiddleware:
         if b"crawler-error" in response.headers and not response_is_cached(response):
             count_crawler_error(self.payer, request, response)
         if is_paid(request):
-            if response_is_cached(response):
-                await self.payer.unsent(request, "answered by the cache")
+            here = self.session.process_id
+            if response_is_cached(response) and request.meta.get("_x402_sent") != here:
+                # HttpCacheMiddleware answered before the request reached the signing
+                # middleware: the payment never left (in this process).
+                if request.meta.get("_x402_signed_in") == here:
+                    await self.payer.unsent(request, "answered by the cache")
+                else:  # signed by an earlier process: its doubt was resolved at start
+                    self.payer.strip(request, "unsent")
                 return response
             retry = await retry_internal_error(self.payer, request, response)
             if retry is not None:
@@ -235,16 +241,19 @@ class X402SigningMiddleware:
         if is_paid(request):
             if meta.get("_x402_signed_in") != self.session.process_id:
                 await self.payer.resend(request)  # from a JOBDIR queue of an earlier process
-            return
-        if self.payer.terms and not meta.get("_x402_attempts"):
+        elif self.payer.terms and not meta.get("_x402_attempts"):
             await self.payer.preauthorize(request)
+        if is_paid(request):
+            _unconditional(request)
+            meta["_x402_sent"] = self.session.process_id  # from here on, it may be taken
 
     async def process_response(self, request: Request, response: Response) -> Response:
         if response.status == 402 and not request.meta.get("dont_cache"):
             # A 402 is an answer for this moment only: never stored by HttpCacheMiddleware.
             request.meta.update(dont_cache=True, _x402_uncached=True)
         if (
-            300 <= response.status < 400
+            response.status in REDIRECTS
+            and b"Location" in response.headers
             and request.meta.get("_x402_preauthorized")
             and is_paid(request)
         ):
@@ -255,6 +264,19 @@ class X402SigningMiddleware:
             request.meta.pop("_x402_preauthorized")
             logger.debug("x402: payment %s not used: %s redirects", payment_id, request.url)
         return response
+
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})  # what RedirectMiddleware follows
+CONDITIONAL_HEADERS = (b"If-None-Match", b"If-Modified-Since")
+
+
+def _unconditional(request: Request) -> None:
+    """What is paid for is the page: a paid request never asks to revalidate a cached copy
+    (a 304 would hide whether the payment was taken, and HttpCacheMiddleware would answer
+    with the copy)."""
+    if request.meta.pop("cached_response", None) is not None:
+        for name in CONDITIONAL_HEADERS:
+            request.headers.pop(name, None)
 
 
 def _enabled(crawler: Crawler, component: type) -> bool:

@@ -215,6 +215,7 @@ class Payer(PerCrawler):
         if offer.scheme == "pay-per-crawl":
             # Cloudflare: only InternalError may be retried; this middleware does it.
             request.meta["dont_retry"] = True
+        request.meta.pop("_x402_sent", None)  # a new payment: not sent yet
         request.meta.update(_x402_payment=signed.id, _x402_signed_in=session.process_id)
         request.meta["x402_payment"] = {
             "id": signed.id,
@@ -230,8 +231,8 @@ class Payer(PerCrawler):
 
     def strip(self, request: Request, status: str) -> None:
         """Take the payment off ``request``, which goes on unpaid (a 402 then ends it)."""
-        request.meta.pop("_x402_payment", None)
-        request.meta.pop("_x402_signed_in", None)
+        for key in ("_x402_payment", "_x402_signed_in", "_x402_sent"):
+            request.meta.pop(key, None)
         if "x402_payment" in request.meta:
             request.meta["x402_payment"] = {**request.meta["x402_payment"], "status": status}
         for name in PAYMENT_HEADERS:
@@ -360,7 +361,11 @@ class Payer(PerCrawler):
         """The payment never left (the cache answered): nothing can collect it."""
         payment_id = request.meta["_x402_payment"]
         self.strip(request, "unsent")
-        await self.session.ledger.run(self.session.book.unsent, payment_id, reason)
+        try:
+            await self.session.ledger.run(self.session.book.unsent, payment_id, reason)
+        except Exception as e:  # still reserved in the book: in doubt, and counted
+            logger.error("x402: cannot record that payment %s never left: %s", payment_id, e)
+            return
         self.inc("x402/payment_unsent")
 
     # -- telling -----------------------------------------------------------------------

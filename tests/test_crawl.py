@@ -9,6 +9,7 @@ import time
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from scrapy import signals
 from scrapy.utils.defer import deferred_f_from_coro_f
 from scrapy.utils.test import get_crawler
@@ -439,3 +440,31 @@ async def test_a_resumed_exact_payment_is_counted_once(tmp_path, x402_settings, 
     assert stats["x402/payment_count"] == 1  # /news/1 still fits: the held one counted once
     rows = {r[0]: r[1] for r in ledger_rows(settings)}
     assert rows[signed.id] == Status.HELD
+
+
+@pytest.mark.parametrize("preauthorize", [True, False])
+@deferred_f_from_coro_f
+async def test_a_paid_request_never_revalidates_a_cached_copy(
+    tmp_path, x402_settings, token, payees, preauthorize
+):
+    """With RFC 2616 caching, a stale copy would make the paid request conditional; the
+    publisher would take the payment and answer 304, and the cache would hand back the copy.
+    A paid request asks for the page itself: every payment the publisher took is counted."""
+    settings = {
+        **x402_settings,
+        "HTTPCACHE_ENABLED": True,
+        "HTTPCACHE_DIR": str(tmp_path / "cache"),
+        "HTTPCACHE_POLICY": "scrapy.extensions.httpcache.RFC2616Policy",
+        "X402_PREAUTHORIZE": preauthorize,
+        "X402_BUDGETS": {"127.0.0.1": "0.02"},
+        "X402_SETTLE_ON_CLOSE": False,
+    }
+    config = sections(token, payees, news={"payee": payees[0], "price": 10_000, "etag": True})
+    with MockServer(config, tmp_path) as server:
+        news = [f"{server.url}/news/{p}" for p in (0, 0, 0, 1, 2)]
+        crawler, _ = await crawl_in_order(settings, news)
+        served = {s["id"] for s in server.served()}
+    counted = {r[0] for r in ledger_rows(settings) if r[1] in (Status.ACCEPTED, Status.RESERVED)}
+    assert served == counted  # the ledger counts every payment the publisher took...
+    assert len(served) == 2  # ...and the budget held: 0.02 USD
+    assert crawler.stats.get_value("x402/payment_unsent") is None

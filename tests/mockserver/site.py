@@ -28,13 +28,20 @@ class Page(Resource):
 
     isLeaf = True
 
-    def __init__(self, fail_first: bool = False, delay: float = 0):
+    def __init__(self, fail_first: bool = False, delay: float = 0, etag: bool = False):
         super().__init__()
         self.failed: set[str] | None = set() if fail_first else None
         self.delay = delay
+        self.etag = etag
 
     def render_GET(self, request: Request) -> bytes | int:
         path = request.path.decode()
+        if self.etag:  # revalidation: 304 to a matching If-None-Match (a payment taken or not)
+            request.setHeader("ETag", '"v1"')
+            request.setHeader("Cache-Control", "max-age=0")
+            if request.getHeader("if-none-match") == '"v1"':
+                request.setResponseCode(304)
+                return b""
         if self.failed is not None and path not in self.failed:
             self.failed.add(path)
             request.setResponseCode(500)
@@ -172,7 +179,11 @@ def build_site(config: dict[str, Any]) -> Site:
             else DeferredVerifier(*args, nonces=nonces)
         )
         paid = PaywallResource(
-            Page(fail_first=section.get("fail_first", False), delay=section.get("delay", 0)),
+            Page(
+                fail_first=section.get("fail_first", False),
+                delay=section.get("delay", 0),
+                etag=section.get("etag", False),
+            ),
             verifier,
             price_of(name, section),
             x402_version=section.get("version", 2),
