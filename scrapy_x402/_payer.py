@@ -14,13 +14,15 @@ from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from scrapy.utils.defer import deferred_from_coro
+from scrapy.utils.defer import deferred_from_coro, maybe_deferred_to_future
 from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.threads import deferToThread
 
 from scrapy_x402._budget import TOTAL
 from scrapy_x402._config import parse_usd
 from scrapy_x402._networks import evm_chain_id, is_testnet
 from scrapy_x402._protocol import UNKNOWN_AMOUNT, Challenge, Offer
+from scrapy_x402._redact import redact
 from scrapy_x402._session import PerCrawler, X402Session
 from scrapy_x402.ledger import PaymentRecord, Status
 
@@ -217,6 +219,8 @@ class Payer(PerCrawler):
             request.meta["dont_retry"] = True
         request.meta.pop("_x402_sent", None)  # a new payment: not sent yet
         request.meta.update(_x402_payment=signed.id, _x402_signed_in=session.process_id)
+        if scheme.held_until_expiry:  # to read what it cost from the chain later (upto)
+            request.meta["_x402_payload"] = signed.payload
         request.meta["x402_payment"] = {
             "id": signed.id,
             "status": Status.RESERVED,
@@ -308,6 +312,9 @@ class Payer(PerCrawler):
         payment_id = request.meta.pop("_x402_payment")
         usd = Decimal(payment["usd"])
         amount = confirmation.amount
+        scheme = self.session.schemes[payment["scheme"]]
+        if amount is not None and scheme.held_until_expiry:  # upto: the chain says
+            amount = await self._charged_on_chain(request, payment, confirmation, domain)
         if amount is not None:  # upto, Cloudflare: charged less than the signed maximum
             asset = self.config.assets.get(payment["network"], payment["asset"])
             assert asset is not None  # it was priced with it
@@ -335,6 +342,47 @@ class Payer(PerCrawler):
         if amount is not None:
             update["amount"] = str(amount)
         payment.update(update)
+
+    async def _charged_on_chain(
+        self, request: Request, payment: dict[str, Any], confirmation: Confirmation, domain: str
+    ) -> int | None:
+        """What the transaction that spent an ``upto`` signature moved (read in a thread),
+        never more than signed; None (the maximum stays counted) when the chain cannot say."""
+        scheme = self.session.schemes[payment["scheme"]]
+        payload, transaction = request.meta.get("_x402_payload"), confirmation.transaction
+
+        def read() -> int | None:
+            w3 = self.session.chain.get(payment["network"])
+            if w3 is None or payload is None or transaction is None:
+                return None
+            return scheme.charged(w3, payment["asset"], payment["payee"], payload, transaction)
+
+        try:
+            on_chain = await maybe_deferred_to_future(deferToThread(read))
+        except Exception as e:
+            on_chain = None
+            reason = redact(str(e), self.config.rpc_urls.values())
+            logger.warning("x402: cannot read what payment %s cost: %s", payment["id"], reason)
+        if on_chain is None:
+            self.once(
+                logging.WARNING,
+                ("unverified_charge", domain),
+                "x402: %s charged less than signed, but the chain cannot confirm it; "
+                "the signed maximum stays counted",
+                domain,
+            )
+            return None
+        if on_chain != confirmation.amount:
+            self.inc("x402/receipt_mismatch/{}", "amount")
+            self.once(
+                logging.WARNING,
+                ("receipt", domain, "charged"),
+                "x402: %s reported a charge of %s, the chain shows %s; counting the chain's",
+                domain,
+                confirmation.amount,
+                on_chain,
+            )
+        return min(on_chain, int(payment["amount"]))
 
     async def not_served(self, request: Request, reason: str, refused: bool = False) -> str:
         """The page was not served. A commitment is then never settled, so it is released;

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,7 +37,9 @@ def sdk_site(sdk_chain) -> Iterator[Callable[..., dict[str, Any]]]:
     """Starts publishers built from the SDK alone (example_project/exact_site.py)."""
     processes: list[subprocess.Popen[str]] = []
 
-    def start(*options: str, price: int = PRICE) -> dict[str, Any]:
+    def start(
+        *options: str, price: int = PRICE, script: Path = ROOT / "example_project" / "exact_site.py"
+    ) -> dict[str, Any]:
         token = TestUSD.deploy(sdk_chain, sdk_chain.new_account())
         payee = Account.create().address
         args = [
@@ -54,7 +57,7 @@ def sdk_site(sdk_chain) -> Iterator[Callable[..., dict[str, Any]]]:
         ]
         env = {**os.environ, "FACILITATOR_KEY": sdk_chain.new_account().key.hex()}
         process = subprocess.Popen(
-            [sys.executable, str(ROOT / "example_project" / "exact_site.py"), *args],
+            [sys.executable, str(script), *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -283,3 +286,36 @@ async def test_upto_reserves_the_maximum_and_trues_up_to_the_receipt(
         ("upto", Status.SETTLED, "4000", "0.004000")
     }
     assert all(items[i]["title"] for i in range(3))
+
+
+@deferred_f_from_coro_f
+async def test_an_upto_receipt_claiming_less_than_the_chain_moved_is_not_believed(
+    tmp_path, sdk_chain, sdk_site, monkeypatch
+):
+    """The facilitator settles the whole maximum (0.01) but the receipt says 1 unit: what is
+    counted is what the transaction spending our signature moved, so the budget holds."""
+    sdk_chain.install_permit2()
+    site = sdk_site(
+        "--scheme",
+        "upto",
+        "--charge",
+        "10000",
+        price=10_000,
+        script=ROOT / "tests" / "lying_sdk_site.py",
+    )
+    token, payee = site["token"], site["payee"]
+    payer = funded_payer(sdk_chain, token, monkeypatch)
+    token.approve(payer, PERMIT2)
+    settings = crawl_settings(
+        tmp_path,
+        sdk_chain,
+        token,
+        X402_SCHEMES=["upto"],
+        CONCURRENT_REQUESTS=1,
+        X402_BUDGETS={"127.0.0.1": "0.02"},
+    )
+    crawler, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(6)])
+    assert len(items) == 2
+    assert token.balance_of(payee) == 20_000  # the budget, not a unit more
+    assert crawler.stats.get_value("x402/receipt_mismatch/amount") == 2
+    assert {(r[1], r[3]) for r in ledger_rows(settings)} == {(Status.SETTLED, "10000")}

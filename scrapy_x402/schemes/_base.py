@@ -45,6 +45,12 @@ class Scheme(Protocol):
     def expired(self, network: str, payload: Mapping[str, Any]) -> None:
         """A held signature expired unused: give back what signing it took."""
 
+    def charged(
+        self, w3: Any, asset: str, payee: str, payload: Mapping[str, Any], transaction: str
+    ) -> int | None:
+        """What the chain shows a settled payment cost, when a receipt says less than was
+        signed; None: it cannot tell, and the whole signed amount stays counted."""
+
     def sign(
         self, account: Any, offer: Offer, resource_url: str, now: int, max_timeout: int
     ) -> SignedPayment: ...
@@ -77,6 +83,11 @@ class SchemeBase:
         return None
 
     def expired(self, network: str, payload: Mapping[str, Any]) -> None:
+        return None
+
+    def charged(
+        self, w3: Any, asset: str, payee: str, payload: Mapping[str, Any], transaction: str
+    ) -> int | None:
         return None
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from eth_utils import is_hex_address, to_checksum_address
 
+from scrapy_x402._chain import transferred
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
 from scrapy_x402.ledger import Status
@@ -95,3 +96,12 @@ class UptoScheme(Permit2Spending, X402Scheme):
 
     def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
         return permit2_collected(w3, payload)
+
+    def charged(
+        self, w3: Any, asset: str, payee: str, payload: Mapping[str, Any], transaction: str
+    ) -> int | None:
+        """A receipt's amount is the server's word: what counts is what the transaction that
+        spent this signature moved to the payee."""
+        payer = payload["permit2Authorization"]["from"]
+        signature = bytes.fromhex(payload["signature"][2:])
+        return transferred(w3, transaction, asset, payer, payee, signature)
