@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from eth_abi import encode as abi_encode
-from eth_typing import HexStr
+from eth_typing import ChecksumAddress, HexStr
 from web3 import Web3
 from web3.exceptions import TransactionNotFound, Web3Exception
 
@@ -318,12 +318,26 @@ class Settler:
             if _unless_absent(w3.eth.get_transaction, s.id) is not None:
                 return  # waiting in the node's mempool
             if nonce_used:
-                self._move(watched, S.REPLACED, reason="its nonce was used by another transaction")
+                # Proved only by the transaction that used the nonce: a lagging node (behind a
+                # load balancer) may not know ours although it is mined.
+                user = self._nonce_user(w3, payer, s.tx_nonce, max(head - depth + 1, 0))
+                if user is not None and user != s.id.lower():
+                    self._move(watched, S.REPLACED, reason=f"its nonce was used by {user}")
             else:  # dropped, or never reached the node
                 self._broadcast(w3, watched)
         except _ERRORS as e:
             watched.error = self._error_text(e)
             logger.debug("x402 settlement %s: reading the chain failed: %s", s.id, watched.error)
+
+    def _nonce_user(self, w3: Web3, payer: ChecksumAddress, nonce: int, until: int) -> str | None:
+        """The hash of the transaction that used ``payer``'s ``nonce`` (in a block at or
+        before ``until``), or None when no node we asked can show it."""
+        block = _first_block_past(lambda n: w3.eth.get_transaction_count(payer, n) > nonce, until)
+        found: Any = w3.eth.get_block(block, full_transactions=True)
+        for tx in (found or {}).get("transactions", []):
+            if tx["from"].lower() == payer.lower() and tx["nonce"] == nonce:
+                return Web3.to_hex(tx["hash"]).lower()
+        return None
 
     def _mined(self, watched: _Watched, receipt: Any, deep_enough: bool) -> None:
         if (watched.status, watched.block) != (S.OBSERVED, receipt["blockNumber"]):
@@ -400,6 +414,24 @@ class Settler:
     def _format(self, network: str, asset: str, amount: int) -> str:
         known = self.assets.get(network, asset)
         return known.format(amount) if known else f"{amount} units of {asset}"
+
+
+def _first_block_past(past: Callable[[int], bool], until: int) -> int:
+    """The first block at or before ``until`` for which ``past`` holds (it holds at
+    ``until``): galloping back from ``until`` (recent state is what every node keeps), then
+    bisecting."""
+    high, step = until, 1
+    low = until - 1
+    while low >= 0 and past(low):
+        high, low, step = low, low - 2 * step, 2 * step
+    low = max(low, -1)  # past(low) is false, or low is before the first block
+    while high - low > 1:
+        middle = (low + high) // 2
+        if past(middle):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _unless_absent(call: Callable[[Any], Any], tx_hash: str) -> Any:

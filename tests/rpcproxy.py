@@ -32,7 +32,7 @@ class Fault:
     method: str
     times: int = 1  # then it stops applying
     forward: bool = True
-    answer: str = "ok"  # ok (the node's answer), 502, drop
+    answer: str = "ok"  # ok (the node's answer), 502, drop, null (a node that lags behind)
     delay: float = 0.0
     hook: Callable[[list[Any]], Any] | None = None  # called with the params, after forwarding
 
@@ -75,6 +75,11 @@ class RPCProxy:
     def drop(self, method: str, times: int = 1, forward: bool = False) -> None:
         self.faults.append(Fault(method, times, forward=forward, answer="drop"))
 
+    def lag(self, method: str, times: int = 1) -> None:
+        """Answer null without asking the node: a load-balanced RPC's backend that has not
+        seen the latest blocks yet."""
+        self.faults.append(Fault(method, times, forward=False, answer="null"))
+
     def delay(self, method: str, seconds: float, times: int = 1) -> None:
         self.faults.append(Fault(method, times, delay=seconds))
 
@@ -104,6 +109,9 @@ class RPCProxy:
                 fault = proxy._take(call.get("method", "")) or Fault("")
                 time.sleep(fault.delay)
                 answer = b""
+                if fault.answer == "null":
+                    answer = json.dumps({"jsonrpc": "2.0", "id": call.get("id"), "result": None})
+                    answer = answer.encode()
                 if fault.forward:
                     request = urllib.request.Request(
                         proxy.upstream, body, {"Content-Type": "application/json"}

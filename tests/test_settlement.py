@@ -480,3 +480,28 @@ def test_rpc_keys_stay_out_of_logs_outcomes_and_the_ledger(
     tables = [r[0] for r in ledger.execute("SELECT name FROM sqlite_master WHERE type='table'")]
     for table in tables:
         assert secret not in repr(ledger.query(f"SELECT * FROM {table}"))
+
+
+def test_a_lagging_node_never_makes_a_mined_transfer_look_replaced(
+    ledger, payer, chain, token, payees
+):
+    """Behind a load balancer, the node answering receipts and transactions has not seen a
+    transfer mined three blocks ago, while the one answering nonces has: the transfer's nonce
+    is used, yet nothing is known of it. Only the transaction that used the nonce can prove a
+    replacement; here it is ours, so nothing is paid again."""
+    owe(ledger, payer, token, payees[0], 4_000)
+    settlement = record(settler(ledger, payer, chain, token), chain, ledger.owed(payer.address)[0])
+    chain.w3.eth.send_raw_transaction(settlement.raw_tx)  # mined; then the process died
+    for _ in range(3):
+        chain.w3.provider.make_request("evm_mine", [])
+    with RPCProxy(chain.url) as proxy:
+        for method in ("eth_getTransactionReceipt", "eth_getTransactionByHash"):
+            proxy.lag(method, times=1_000)
+        [outcome] = settler(
+            ledger, payer, chain, token, rpc=proxy.url, timeout=1, confirmations=3
+        ).settle()
+    assert outcome.status == "pending"  # its fate is not known yet: it stays counted...
+    assert token.balance_of(payees[0]) == 4_000  # ...and is not paid a second time
+    [outcome] = settler(ledger, payer, chain, token, confirmations=3).settle()
+    assert (outcome.status, outcome.tx_hash) == ("confirmed", settlement.id)
+    assert token.balance_of(payees[0]) == 4_000
