@@ -30,7 +30,7 @@ from scrapy.crawler import CrawlerProcess
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall
 
-from bench.crawl import Pages
+from bench.crawl import CRAWL_SETTINGS, Pages
 
 TICK = 0.005  # seconds between heartbeats
 STALL = 0.020  # a gap longer than this is sampled by the watchdog (--diagnose)
@@ -134,15 +134,7 @@ def _short(path: str) -> str:
 def main() -> None:
     urls_file, settings_json = sys.argv[1], sys.argv[2]
     diagnose = "--diagnose" in sys.argv[3:]
-    settings = {
-        "CONCURRENT_REQUESTS": 32,
-        "CONCURRENT_REQUESTS_PER_DOMAIN": 32,
-        "ROBOTSTXT_OBEY": False,
-        "TELNETCONSOLE_ENABLED": False,
-        "LOG_LEVEL": "WARNING",
-        "COOKIES_ENABLED": False,
-        **json.loads(settings_json),
-    }
+    settings = {**CRAWL_SETTINGS, **json.loads(settings_json)}
     heartbeat = Heartbeat()
     process = CrawlerProcess(settings)
     crawler = process.create_crawler(Pages)

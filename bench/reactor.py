@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -30,10 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from eth_account import Account
-
-from bench._common import ROOT, machine, result, server
-from scrapy_x402.devchain import Anvil, TestUSD
+from bench._common import ROOT, machine, paid_world, result, server
 
 PAGES = int(sys.argv[1]) if len(sys.argv) > 1 else 400
 PAYEES = 4
@@ -147,33 +143,15 @@ def main() -> None:
         f"# reactor stalls, {PAGES} pages, CONCURRENT_REQUESTS=32, heartbeat every 5 ms, "
         f"RPC +{RPC_DELAY * 1000:.0f} ms per call, {machine()}"
     )
-    with Anvil() as chain, tempfile.TemporaryDirectory(dir=ROOT) as tmp_name:
-        tmp = Path(tmp_name)
-        network = f"eip155:{chain.chain_id}"
-        token = TestUSD.deploy(chain, chain.new_account())
-        payer = chain.new_account()
-        token.mint(payer.address, 10**12)
-        payees = [Account.create().address for _ in range(PAYEES)]
-        env = {"X402_PRIVATE_KEY": payer.key.hex()}
-        site_args = [
-            "bench/site.py",
-            "--network",
-            network,
-            "--token",
-            token.address,
-            "--payees",
-            ",".join(payees),
-        ]
-        with server(site_args) as site, slow_rpc(chain.url, RPC_DELAY) as (rpc, calls):
+    with paid_world(PAYEES) as world:
+        tmp, env = world.tmp, world.env
+        with (
+            server(world.site_args()) as site,
+            slow_rpc(world.chain.url, RPC_DELAY) as (rpc, calls),
+        ):
 
             def settings(name: str) -> dict:
-                return {
-                    "ADDONS": {"scrapy_x402.Addon": 500},
-                    "X402_ASSETS": token.asset_setting(),
-                    "X402_RPC_URLS": {network: rpc},
-                    "X402_BUDGETS": {"127.0.0.1": "1000000"},
-                    "X402_LEDGER_URI": str(tmp / f"{name}.sqlite3"),
-                }
+                return world.settings(name, rpc)
 
             free = [f"{site}/free/{i}" for i in range(PAGES)]
             paid = [f"{site}/paid/{i % PAYEES}/{i}" for i in range(PAGES)]

@@ -13,13 +13,9 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from eth_account import Account
-
-from bench._common import ROOT, machine, result, server
-from scrapy_x402.devchain import Anvil, TestUSD
+from bench._common import ROOT, machine, paid_world, result, server
 
 PAGES = int(sys.argv[1]) if len(sys.argv) > 1 else 5_000
 EXACT_PAGES = min(PAGES, 2_000)  # each is an on-chain transaction by the SDK's facilitator
@@ -53,35 +49,16 @@ def crawl(tmp: Path, name: str, urls: list[str], settings: dict, env: dict[str, 
 
 def main() -> None:
     print(f"# throughput, {PAGES} pages, CONCURRENT_REQUESTS=32, {machine()}")
-    with Anvil() as chain, tempfile.TemporaryDirectory(dir=ROOT) as tmp_name:
-        tmp = Path(tmp_name)
-        network = f"eip155:{chain.chain_id}"
-        token = TestUSD.deploy(chain, chain.new_account())
-        payer = chain.new_account()
-        token.mint(payer.address, 10**12)
-        payees = [Account.create().address for _ in range(PAYEES)]
-        env = {"X402_PRIVATE_KEY": payer.key.hex()}
-
-        def settings(name: str, **extra) -> dict:
-            return {
-                "ADDONS": {"scrapy_x402.Addon": 500},
-                "X402_ASSETS": token.asset_setting(),
-                "X402_RPC_URLS": {network: chain.url},
-                "X402_BUDGETS": {"127.0.0.1": "1000000"},
-                "X402_LEDGER_URI": str(tmp / f"{name}.sqlite3"),
-                **extra,
-            }
-
-        site_args = [
-            "bench/site.py",
-            "--network",
-            network,
-            "--token",
-            token.address,
-            "--payees",
-            ",".join(payees),
-        ]
-        with server(site_args) as site:
+    with paid_world(PAYEES) as world:
+        chain, token, payees, tmp, network = (
+            world.chain,
+            world.token,
+            world.payees,
+            world.tmp,
+            world.network,
+        )
+        env, settings = world.env, world.settings
+        with server(world.site_args()) as site:
             free = [f"{site}/free/{i}" for i in range(PAGES)]
             paid = [f"{site}/paid/{i % PAYEES}/{i}" for i in range(PAGES)]
             unpaid_rate = crawl(tmp, "unpaid", free, {}, env)

@@ -256,32 +256,38 @@ async def test_permit2_offers_are_skipped_without_allowance(
     assert len(warnings) == 1 and "approve Permit2" in warnings[0]
 
 
-@deferred_f_from_coro_f
-async def test_upto_reserves_the_maximum_and_trues_up_to_the_receipt(
-    tmp_path, sdk_chain, sdk_site, monkeypatch
-):
+async def upto_crawl(tmp_path, sdk_chain, sdk_site, monkeypatch, charge: int, **site: Any):
+    """Six pages that may cost up to 0.01 each, one at a time, from a budget of 0.02."""
     sdk_chain.install_permit2()
-    site = sdk_site("--scheme", "upto", "--charge", "4000", price=10_000)
-    token, payee = site["token"], site["payee"]
-    payer = funded_payer(sdk_chain, token, monkeypatch)
-    token.approve(payer, PERMIT2)
-    # Each page may cost up to 0.01 and costs 0.004. With 0.02 to spend, one page at a time:
-    # reserved 0.01, trued up to 0.004, ... the fourth reservation (0.012 + 0.01) does not fit.
+    started = sdk_site("--scheme", "upto", "--charge", str(charge), price=10_000, **site)
+    payer = funded_payer(sdk_chain, started["token"], monkeypatch)
+    started["token"].approve(payer, PERMIT2)
     settings = crawl_settings(
         tmp_path,
         sdk_chain,
-        token,
+        started["token"],
         X402_SCHEMES=["upto"],
         CONCURRENT_REQUESTS=1,
         X402_BUDGETS={"127.0.0.1": "0.02"},
     )
-    crawler, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(6)])
+    crawler, items = await crawl(settings, [f"{started['url']}/articles/{n}" for n in range(6)])
+    return crawler, items, started, ledger_rows(settings)
+
+
+@deferred_f_from_coro_f
+async def test_upto_reserves_the_maximum_and_trues_up_to_the_receipt(
+    tmp_path, sdk_chain, sdk_site, monkeypatch
+):
+    # Each page costs 0.004: reserved 0.01, trued up to 0.004, ... the fourth reservation
+    # (0.012 + 0.01) does not fit.
+    crawler, items, site, rows = await upto_crawl(
+        tmp_path, sdk_chain, sdk_site, monkeypatch, charge=4000
+    )
     stats = crawler.stats.get_stats()
     assert len(items) == 3
     assert stats["x402/budget_exceeded/127.0.0.1"] == 3
     assert stats["x402/spent_usd/127.0.0.1"] == 0.012000
-    assert token.balance_of(payee) == 3 * 4000
-    rows = ledger_rows(settings)
+    assert site["token"].balance_of(site["payee"]) == 3 * 4000
     assert {(r[0], r[1], r[3], r[4]) for r in rows} == {
         ("upto", Status.SETTLED, "4000", "0.004000")
     }
@@ -294,28 +300,15 @@ async def test_an_upto_receipt_claiming_less_than_the_chain_moved_is_not_believe
 ):
     """The facilitator settles the whole maximum (0.01) but the receipt says 1 unit: what is
     counted is what the transaction spending our signature moved, so the budget holds."""
-    sdk_chain.install_permit2()
-    site = sdk_site(
-        "--scheme",
-        "upto",
-        "--charge",
-        "10000",
-        price=10_000,
-        script=ROOT / "tests" / "lying_sdk_site.py",
-    )
-    token, payee = site["token"], site["payee"]
-    payer = funded_payer(sdk_chain, token, monkeypatch)
-    token.approve(payer, PERMIT2)
-    settings = crawl_settings(
+    crawler, items, site, rows = await upto_crawl(
         tmp_path,
         sdk_chain,
-        token,
-        X402_SCHEMES=["upto"],
-        CONCURRENT_REQUESTS=1,
-        X402_BUDGETS={"127.0.0.1": "0.02"},
+        sdk_site,
+        monkeypatch,
+        charge=10_000,
+        script=ROOT / "tests" / "lying_sdk_site.py",
     )
-    crawler, items = await crawl(settings, [f"{site['url']}/articles/{n}" for n in range(6)])
     assert len(items) == 2
-    assert token.balance_of(payee) == 20_000  # the budget, not a unit more
+    assert site["token"].balance_of(site["payee"]) == 20_000  # the budget, not a unit more
     assert crawler.stats.get_value("x402/receipt_mismatch/amount") == 2
-    assert {(r[1], r[3]) for r in ledger_rows(settings)} == {(Status.SETTLED, "10000")}
+    assert {(r[1], r[3]) for r in rows} == {(Status.SETTLED, "10000")}
