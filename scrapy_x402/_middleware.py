@@ -267,16 +267,22 @@ class X402SigningMiddleware:
 
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})  # what RedirectMiddleware follows
-CONDITIONAL_HEADERS = (b"If-None-Match", b"If-Modified-Since")
+CONDITIONAL_HEADERS = (
+    b"If-None-Match",
+    b"If-Modified-Since",
+    b"If-Match",
+    b"If-Unmodified-Since",
+    b"If-Range",
+)
 
 
 def _unconditional(request: Request) -> None:
-    """What is paid for is the page: a paid request never asks to revalidate a cached copy
-    (a 304 would hide whether the payment was taken, and HttpCacheMiddleware would answer
-    with the copy)."""
-    if request.meta.pop("cached_response", None) is not None:
-        for name in CONDITIONAL_HEADERS:
-            request.headers.pop(name, None)
+    """What is paid for is the page: a paid request is never conditional, whoever made it so
+    (HttpCacheMiddleware revalidating a copy, the spider, default headers). A 304 would hide
+    whether the payment was taken, and the cache would answer with its copy."""
+    request.meta.pop("cached_response", None)
+    for name in CONDITIONAL_HEADERS:
+        request.headers.pop(name, None)
 
 
 def _enabled(crawler: Crawler, component: type) -> bool:

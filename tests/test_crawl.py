@@ -468,3 +468,25 @@ async def test_a_paid_request_never_revalidates_a_cached_copy(
     assert served == counted  # the ledger counts every payment the publisher took...
     assert len(served) == 2  # ...and the budget held: 0.02 USD
     assert crawler.stats.get_value("x402/payment_unsent") is None
+
+
+@deferred_f_from_coro_f
+async def test_a_paid_request_is_never_conditional_whoever_made_it_so(
+    tmp_path, x402_settings, token, payees
+):
+    settings = {
+        **x402_settings,
+        "DEFAULT_REQUEST_HEADERS": {
+            "If-None-Match": '"v1"',
+            "If-Modified-Since": "Mon, 1 Jan 2024",
+        },
+        "X402_SETTLE_ON_CLOSE": False,
+    }
+    config = sections(token, payees, news={"payee": payees[0], "price": 10_000, "etag": True})
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl_in_order(
+            settings, [f"{server.url}/news/{p}" for p in range(3)]
+        )
+        served = {s["id"] for s in server.served()}
+    assert len(items) == 3  # pages, not 304s
+    assert served == {r[0] for r in ledger_rows(settings) if r[1] == Status.ACCEPTED}
