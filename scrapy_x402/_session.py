@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import gc
 import logging
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 from weakref import WeakKeyDictionary
 
 from scrapy import signals
@@ -83,6 +88,9 @@ class X402Session(PerCrawler):
         # A resumed crawl (same JOBDIR) keeps its run id, so it keeps counting against
         # what it already spent.
         self.run_id, resumed = _run_id(config.jobdir)
+        # One process per resumable run: another would take this one's live payments for
+        # ones left in doubt by a crash, and resolve them.
+        self._run_lock = _lock_run(self.store, self.run_id) if config.jobdir else None
         # What an earlier process of this run left in doubt is resolved before this one
         # sends any request (its budget may come back).
         self.doubt_resolved = not resumed
@@ -101,6 +109,7 @@ class X402Session(PerCrawler):
         self._in_doubt: Deferred[Resolution] | None = None
         self._holds_checked = 0.0
         crawler.signals.connect(self.ledger.close, signals.engine_stopped)
+        crawler.signals.connect(self._release_run, signals.engine_stopped)
         if config.freeze_gc:
             crawler.signals.connect(_freeze_gc, signals.engine_started)
         logger.info(
@@ -115,6 +124,10 @@ class X402Session(PerCrawler):
         )
         if config.allow_mainnet:
             logger.warning("X402_ALLOW_MAINNET is set: this crawl may pay with real money")
+
+    def _release_run(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.close()
 
     def _invalid_transition(self, what: str) -> None:
         # Called from the ledger's thread: stats are touched on the reactor's.
@@ -237,6 +250,28 @@ def _freeze_gc() -> None:
     collection on the reactor thread scans them again (each took 40-50 ms, the crawl's worst
     stalls)."""
     gc.freeze()
+
+
+class RunInUse(Exception):
+    pass
+
+
+def _lock_run(store: Any, run_id: str) -> IO[str] | None:
+    """Hold an exclusive lock on this run for the life of the process (released by the OS
+    when it exits, even by a kill)."""
+    path = getattr(store, "path", None)
+    if path is None or fcntl is None:  # not a file ledger, or no flock here
+        return None
+    lock = open(f"{Path(path).expanduser()}-run-{run_id}.lock", "a")  # noqa: SIM115 (held)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.close()
+        raise RunInUse(
+            f"x402 run {run_id} (JOBDIR) is in use by another crawl process on ledger {path}; "
+            "one process per JOBDIR"
+        ) from None
+    return lock
 
 
 def _run_id(jobdir: str | None) -> tuple[str, bool]:

@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any
 
+import pytest
+
 from scrapy_x402.ledger import Status, open_ledger
 from tests.mockserver import ROOT, MockServer
 
@@ -163,3 +165,19 @@ def test_sigkill_during_settlement_after_broadcast_pays_once(tmp_path, payer, ch
         "confirmed"
     ]
     ledger.close()
+
+
+def test_one_process_per_resumable_run(tmp_path, x402_settings):
+    """A second process on the same JOBDIR would take the first one's live payments for ones
+    a crash left in doubt, ask the publisher (not served yet) and release them."""
+    from scrapy.utils.test import get_crawler
+
+    from scrapy_x402._session import RunInUse, X402Session
+
+    settings = {**x402_settings, "JOBDIR": str(tmp_path / "job")}
+    first = X402Session.for_crawler(get_crawler(settings_dict=settings))
+    with pytest.raises(RunInUse, match="in use by another crawl process"):
+        X402Session.for_crawler(get_crawler(settings_dict=settings))
+    first._run_lock.close()  # the first process ends
+    again = X402Session.for_crawler(get_crawler(settings_dict=settings))  # resumable now
+    again._run_lock.close()

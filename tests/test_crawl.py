@@ -484,9 +484,7 @@ async def test_a_paid_request_is_never_conditional_whoever_made_it_so(
     }
     config = sections(token, payees, news={"payee": payees[0], "price": 10_000, "etag": True})
     with MockServer(config, tmp_path) as server:
-        crawler, items = await crawl_in_order(
-            settings, [f"{server.url}/news/{p}" for p in range(3)]
-        )
+        _, items = await crawl_in_order(settings, [f"{server.url}/news/{p}" for p in range(3)])
         served = {s["id"] for s in server.served()}
     assert len(items) == 3  # pages, not 304s
     assert served == {r[0] for r in ledger_rows(settings) if r[1] == Status.ACCEPTED}
