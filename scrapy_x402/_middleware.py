@@ -114,6 +114,8 @@ class X402DownloaderMiddleware:
                 retry.meta.update(x402_sign=True, _x402_signed_retry=True)
                 return retry
             return response
+        if await payer.paid_before(request, domain):
+            return response
         offer, asset, usd = choice
         paid = request.replace(
             dont_filter=True, priority=request.priority + self.config.priority_adjust

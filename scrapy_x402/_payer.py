@@ -233,6 +233,23 @@ class Payer(PerCrawler):
         }
         return True
 
+    async def paid_before(self, request: Request, domain: str) -> bool:
+        """A resumed run may be asked again for pages its earlier process paid for (a kill
+        loses the scheduler's state): each page is paid once per run."""
+        if not self.session.resumed:
+            return False
+        session = self.session
+        if not await session.ledger.run(session.store.paid_for, session.run_id, request.url):
+            return False
+        self.inc("x402/already_paid")
+        self.once(
+            logging.INFO,
+            ("already_paid", domain),
+            "x402: this run already paid for pages of %s it is asked for again; not paying twice",
+            domain,
+        )
+        return True
+
     def strip(self, request: Request, status: str) -> None:
         """Take the payment off ``request``, which goes on unpaid (a 402 then ends it)."""
         for key in ("_x402_payment", "_x402_signed_in", "_x402_sent"):
@@ -259,6 +276,10 @@ class Payer(PerCrawler):
         domain = urlparse_cached(request).hostname or ""
         if self.refusal(terms.offer, domain)[0] is not None:
             return
+        if self.session.resumed and await self.session.ledger.run(
+            self.session.store.paid_for, self.session.run_id, request.url
+        ):
+            return  # left to the 402, which says so once
         challenge = replace(terms.challenge, resource={"url": request.url})
         if await self.attach(
             request, domain, challenge, terms.offer, terms.asset, terms.usd, request.url, quiet=True

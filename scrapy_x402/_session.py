@@ -94,6 +94,7 @@ class X402Session(PerCrawler):
         # What an earlier process of this run left in doubt is resolved before this one
         # sends any request (its budget may come back).
         self.doubt_resolved = not resumed
+        self.resumed = resumed
         # Marks the payments this process signed: any other found on a request was signed
         # before a resume, and is sent again only if the book agrees.
         self.process_id = uuid.uuid4().hex

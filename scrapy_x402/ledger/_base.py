@@ -185,6 +185,7 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS x402_payments_owed ON x402_payments (status, network, asset, payee)",
     "CREATE INDEX IF NOT EXISTS x402_payments_run ON x402_payments (run_id, status, valid_until)",
     "CREATE INDEX IF NOT EXISTS x402_payments_settlement ON x402_payments (settlement_id)",
+    "CREATE INDEX IF NOT EXISTS x402_payments_url ON x402_payments (run_id, url)",
     """CREATE TABLE IF NOT EXISTS x402_settlements (
         id VARCHAR(66) PRIMARY KEY,
         created_at BIGINT NOT NULL,
@@ -312,6 +313,17 @@ class Ledger(ABC):
     def get_status(self, payment_id: str) -> str | None:
         rows = self.query("SELECT status FROM x402_payments WHERE id = ?", (payment_id,))
         return rows[0][0] if rows else None
+
+    def paid_for(self, run_id: str, url: str) -> bool:
+        """Whether the run holds a payment for ``url`` that was (or may have been) served."""
+        statuses = (Status.RESERVED, Status.ACCEPTED, Status.SETTLING, Status.SETTLED)
+        return bool(
+            self.query(
+                "SELECT 1 FROM x402_payments WHERE run_id = ? AND url = ? "
+                f"AND status IN ({', '.join('?' for _ in statuses)}) LIMIT 1",
+                (run_id, url, *statuses),
+            )
+        )
 
     def spent_by_budget(self, run_id: str) -> dict[str, Decimal]:
         """USD counted against each budget of one run (reserved, owed, held or paid)."""
