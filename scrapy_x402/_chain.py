@@ -58,34 +58,6 @@ def token_balance(w3: Web3, token: str, owner: str) -> int:
     return int.from_bytes(_call(w3, token, BALANCE_OF + abi_encode(["address"], [owner])), "big")
 
 
-TRANSFER_TOPIC = bytes.fromhex(
-    "ddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
-)  # Transfer(address,address,uint256)
-
-
-def transferred(
-    w3: Web3, transaction: str, token: str, sender: str, recipient: str, signature: bytes
-) -> int | None:
-    """What ``transaction`` moved of ``token`` from ``sender`` to ``recipient``, if it
-    succeeded and carries ``signature`` (so it is the one that spent that authorization); else
-    None: the chain does not show what the authorization cost."""
-    tx = w3.eth.get_transaction(transaction)  # type: ignore[arg-type]
-    receipt = w3.eth.get_transaction_receipt(transaction)  # type: ignore[arg-type]
-    if receipt["status"] != 1 or signature not in bytes(tx["input"]):
-        return None
-    words = (TRANSFER_TOPIC, _word(sender), _word(recipient))
-    return sum(
-        int.from_bytes(bytes(log["data"]), "big")
-        for log in receipt["logs"]
-        if log["address"].lower() == token.lower()
-        and tuple(bytes(t) for t in log["topics"][:3]) == words
-    )
-
-
-def _word(address: str) -> bytes:
-    return bytes(12) + bytes.fromhex(address[2:])
-
-
 def authorization_used(w3: Web3, token: str, authorizer: str, nonce: str) -> bool:
     """EIP-3009: whether the token has consumed (or cancelled) this authorization."""
     data = AUTHORIZATION_STATE + abi_encode(

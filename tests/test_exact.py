@@ -186,3 +186,29 @@ async def test_a_permit2_signature_that_expired_unused_gives_its_allowance_back(
     third = response402(permit2)
     assert isinstance(await mw.process_response(third.request, third), Request)
     assert crawler.stats.get_value("x402/offer_refused/permit2_allowance") == 1
+
+
+def test_an_upto_charge_is_read_only_from_the_settle_that_spent_our_signature(chain, token, payer):
+    """A dishonest publisher names a transaction that carries our signature without spending
+    it (here: a 1-unit transfer with the signature appended): the chain then says nothing about
+    what the authorization cost, and the signed maximum stays counted."""
+    from scrapy_x402.schemes import UptoScheme
+    from scrapy_x402.schemes._permit2 import UPTO_PROXY, UPTO_WITNESS, sign_permit2
+
+    payee = Account.create().address
+    signed = sign_permit2(
+        payer,
+        chain.chain_id,
+        token.address,
+        10_000,
+        UPTO_PROXY,
+        int(time.time()) + 300,
+        {"to": payee, "facilitator": payee, "validAfter": 0},
+        UPTO_WITNESS,
+    )
+    transfer = token.contract.encode_abi("transfer", [payee, 1])
+    decoy = bytes.fromhex(transfer[2:]) + bytes.fromhex(signed.payload["signature"][2:])
+    receipt = chain.transact(payer, {"to": token.address, "data": decoy})
+    tx_hash = "0x" + bytes(receipt["transactionHash"]).hex()
+    found = UptoScheme().charged(chain.w3, token.address, payee, signed.payload, tx_hash)
+    assert found is None

@@ -8,9 +8,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from eth_abi import decode as abi_decode
 from eth_utils import is_hex_address, to_checksum_address
 
-from scrapy_x402._chain import transferred
 from scrapy_x402._networks import evm_chain_id
 from scrapy_x402._protocol import Offer
 from scrapy_x402.ledger import Status
@@ -21,6 +21,7 @@ from scrapy_x402.schemes._base import (
     settled_transaction,
     validity,
 )
+from scrapy_x402.schemes._eip712 import keccak
 from scrapy_x402.schemes._permit2 import (
     UPTO_PROXY,
     UPTO_WITNESS,
@@ -32,6 +33,18 @@ from scrapy_x402.schemes._permit2 import (
 from scrapy_x402.schemes.exact import CLOCK_SKEW
 
 logger = logging.getLogger(__name__)
+
+# x402UptoPermit2Proxy.settle(permit, amount, owner, witness, signature)
+SETTLE_ARGUMENTS = [
+    "((address,uint256),uint256,uint256)",
+    "uint256",
+    "address",
+    "(address,address,uint256)",
+    "bytes",
+]
+SETTLE_SELECTOR = keccak(
+    b"settle(((address,uint256),uint256,uint256),uint256,address,(address,address,uint256),bytes)"
+)[:4]
 
 
 class UptoScheme(Permit2Spending, X402Scheme):
@@ -100,8 +113,23 @@ class UptoScheme(Permit2Spending, X402Scheme):
     def charged(
         self, w3: Any, asset: str, payee: str, payload: Mapping[str, Any], transaction: str
     ) -> int | None:
-        """A receipt's amount is the server's word: what counts is what the transaction that
-        spent this signature moved to the payee."""
-        payer = payload["permit2Authorization"]["from"]
-        signature = bytes.fromhex(payload["signature"][2:])
-        return transferred(w3, transaction, asset, payer, payee, signature)
+        """A receipt's amount is the server's word. What counts is the amount of the upto
+        proxy's ``settle`` call in ``transaction``, when that call spent exactly this signature
+        (same owner, nonce, signature, payee) and succeeded; else None (the maximum stays)."""
+        tx = w3.eth.get_transaction(transaction)
+        data = bytes(tx["input"])
+        if (tx["to"] or "").lower() != UPTO_PROXY.lower() or data[:4] != SETTLE_SELECTOR:
+            return None
+        permit, amount, owner, witness, signature = abi_decode(SETTLE_ARGUMENTS, data[4:])
+        authorization = payload["permit2Authorization"]
+        ours = (
+            authorization["from"].lower(),
+            int(authorization["nonce"]),
+            payee.lower(),
+            bytes.fromhex(payload["signature"][2:]),
+        )
+        if (owner.lower(), permit[1], witness[0].lower(), signature) != ours:
+            return None
+        if w3.eth.get_transaction_receipt(transaction)["status"] != 1:
+            return None
+        return int(amount)
