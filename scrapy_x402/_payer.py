@@ -219,7 +219,7 @@ class Payer(PerCrawler):
             request.meta["dont_retry"] = True
         request.meta.pop("_x402_sent", None)  # a new payment: not sent yet
         request.meta.update(_x402_payment=signed.id, _x402_signed_in=session.process_id)
-        if scheme.held_until_expiry:  # to read what it cost from the chain later (upto)
+        if scheme.charge_on_chain:  # to read what it cost from the chain later
             request.meta["_x402_payload"] = signed.payload
         request.meta["x402_payment"] = {
             "id": signed.id,
@@ -334,7 +334,7 @@ class Payer(PerCrawler):
         usd = Decimal(payment["usd"])
         amount = confirmation.amount
         scheme = self.session.schemes[payment["scheme"]]
-        if amount is not None and scheme.held_until_expiry:  # upto: the chain says
+        if amount is not None and scheme.charge_on_chain:
             amount = await self._charged_on_chain(request, payment, confirmation, domain)
         if amount is not None:  # upto, Cloudflare: charged less than the signed maximum
             asset = self.config.assets.get(payment["network"], payment["asset"])

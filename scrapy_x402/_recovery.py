@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from scrapy_x402.ledger import InDoubt, Status
-from scrapy_x402.payments import HELD_SCHEMES, PaymentBook
+from scrapy_x402.payments import PaymentBook
+from scrapy_x402.schemes import HELD_SCHEMES
 
 logger = logging.getLogger(__name__)
 

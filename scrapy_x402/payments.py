@@ -29,6 +29,7 @@ from scrapy_x402.ledger import (
     Status,
 )
 from scrapy_x402.ledger._base import COUNT_UNITS, TOTAL_KEY, counted_units
+from scrapy_x402.schemes import HELD_SCHEMES
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +78,7 @@ SETTLEMENT_PAYMENTS_AFTER = {
     _S.REPLACED: Status.ACCEPTED,
 }
 
-# Signed transfers anyone holding the signature can collect until they expire.
-HELD_SCHEMES = frozenset({"exact", "upto"})
 _UNLIMITED = 2**62
-
-
-class InvalidTransition(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -114,34 +109,6 @@ class PaymentBook:
         except _Refused as refused:
             return str(refused)
         return None
-
-    def _insert(self, record: PaymentRecord, units: int, now: int) -> None:
-        self.store.execute(
-            "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
-            "network, asset, payer, payee, amount, usd, domain, budget_key, url, "
-            "valid_until, payload, counted) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                record.id,
-                record.run_id,
-                now,
-                now,
-                Status.RESERVED,
-                record.scheme,
-                record.network,
-                record.asset,
-                record.payer,
-                record.payee,
-                str(record.amount),
-                str(record.usd),
-                record.domain,
-                record.budget_key,
-                record.url,
-                record.valid_until,
-                json.dumps(record.payload, sort_keys=True),
-                units,
-            ),
-        )
 
     def confirm(
         self,
@@ -296,7 +263,7 @@ class PaymentBook:
         current = self.store.settlement_status(settlement_id)
         if current is None or status not in SETTLEMENT_TRANSITIONS[current]:
             self._invalid(f"settlement {settlement_id}: {current} -> {status}")
-            raise IllegalTransition(settlement_id, current, status)
+            raise IllegalTransition(f"settlement {settlement_id}", current, status)
         self.store.execute(
             f"UPDATE x402_settlements SET status = ?, {column} = ?, updated_at = ? WHERE id = ?",
             (status, value, int(time.time()), settlement_id),
@@ -343,7 +310,7 @@ class PaymentBook:
                 (to, counted, int(time.time()), *fields.values(), payment_id, row.status),
             )
             if cursor.rowcount != 1:  # moved meanwhile by another process
-                raise InvalidTransition(f"{payment_id} changed during {row.status} -> {to}")
+                raise IllegalTransition(f"payment {payment_id} (moved meanwhile)", row.status, to)
         return True
 
     def _count(self, run_id: str, key: str, units: int, limits: Limits) -> None:
@@ -370,6 +337,34 @@ class PaymentBook:
             (run_id, budget),
         )
         return self.store.execute(add, (units, run_id, budget, units, limit)).rowcount == 1
+
+    def _insert(self, record: PaymentRecord, units: int, now: int) -> None:
+        self.store.execute(
+            "INSERT INTO x402_payments (id, run_id, created_at, updated_at, status, scheme, "
+            "network, asset, payer, payee, amount, usd, domain, budget_key, url, "
+            "valid_until, payload, counted) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.run_id,
+                now,
+                now,
+                Status.RESERVED,
+                record.scheme,
+                record.network,
+                record.asset,
+                record.payer,
+                record.payee,
+                str(record.amount),
+                str(record.usd),
+                record.domain,
+                record.budget_key,
+                record.url,
+                record.valid_until,
+                json.dumps(record.payload, sort_keys=True),
+                units,
+            ),
+        )
 
     def _uncount(self, run_id: str, key: str, units: int) -> None:
         for budget in (key, TOTAL_KEY):

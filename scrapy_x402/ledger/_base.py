@@ -45,11 +45,12 @@ class SettlementStatus:
 
 
 class IllegalTransition(ValueError):
-    """A settlement status change the state machine does not allow; nothing was written."""
+    """A status change the lifecycle does not allow (or another process made first); nothing
+    was written."""
 
-    def __init__(self, settlement_id: str, current: str | None, wanted: str):
-        super().__init__(f"settlement {settlement_id}: {current} -> {wanted} is not allowed")
-        self.settlement_id = settlement_id
+    def __init__(self, subject: str, current: str | None, wanted: str):
+        super().__init__(f"{subject}: {current} -> {wanted} is not allowed")
+        self.subject = subject
         self.current = current
         self.wanted = wanted
 

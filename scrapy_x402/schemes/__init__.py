@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from scrapy_x402._chain import ChainReader
 
 SCHEME_NAMES = ("deferred", "exact", "upto", "batch-settlement", "pay-per-crawl")
+_CLASSES = (DeferredScheme, ExactScheme, UptoScheme, BatchSettlementScheme, PayPerCrawlScheme)
+# Signed transfers anyone holding the signature can collect until they expire.
+HELD_SCHEMES = frozenset(s.name for s in _CLASSES if s.held_until_expiry)
 
 
 def build_schemes(
@@ -37,6 +40,7 @@ def build_schemes(
 
 
 __all__ = [
+    "HELD_SCHEMES",
     "SCHEME_NAMES",
     "BatchSettlementScheme",
     "Confirmation",

@@ -32,6 +32,8 @@ class Scheme(Protocol):
     # then a payment that was not confirmed stays counted against the budget until then.
     held_until_expiry: bool
     needs_wallet: bool  # signs with the EVM wallet (else Cloudflare bills the operator)
+    # A receipt may report less than was signed, and the chain shows what moved (upto).
+    charge_on_chain: bool
 
     def refusal(self, offer: Offer) -> str | None:
         """Why this scheme cannot pay ``offer``, or None when it can."""
@@ -75,6 +77,8 @@ class Scheme(Protocol):
 
 class SchemeBase:
     """Hooks a scheme needs only when it reads the chain or spends an allowance."""
+
+    charge_on_chain = False
 
     async def prepare(self, offer: Offer) -> None:
         return None

@@ -52,6 +52,7 @@ class UptoScheme(Permit2Spending, X402Scheme):
 
     held_until_expiry = True
     needs_wallet = True
+    charge_on_chain = True
 
     def __init__(self, permit2: Permit2Allowances | None = None):
         self.permit2 = permit2
