@@ -236,10 +236,7 @@ class Payer(PerCrawler):
     async def paid_before(self, request: Request, domain: str) -> bool:
         """A resumed run may be asked again for pages its earlier process paid for (a kill
         loses the scheduler's state): each page is paid once per run."""
-        if not self.session.resumed:
-            return False
-        session = self.session
-        if not await session.ledger.run(session.store.paid_for, session.run_id, request.url):
+        if not await self._run_paid_for(request):
             return False
         self.inc("x402/already_paid")
         self.once(
@@ -249,6 +246,13 @@ class Payer(PerCrawler):
             domain,
         )
         return True
+
+    async def _run_paid_for(self, request: Request) -> bool:
+        """Whether this run paid for the URL already; only a resumed run can have."""
+        session = self.session
+        return session.resumed and await session.ledger.run(
+            session.store.paid_for, session.run_id, request.url
+        )
 
     def strip(self, request: Request, status: str) -> None:
         """Take the payment off ``request``, which goes on unpaid (a 402 then ends it)."""
@@ -276,9 +280,7 @@ class Payer(PerCrawler):
         domain = urlparse_cached(request).hostname or ""
         if self.refusal(terms.offer, domain)[0] is not None:
             return
-        if self.session.resumed and await self.session.ledger.run(
-            self.session.store.paid_for, self.session.run_id, request.url
-        ):
+        if await self._run_paid_for(request):
             return  # left to the 402, which says so once
         challenge = replace(terms.challenge, resource={"url": request.url})
         if await self.attach(
