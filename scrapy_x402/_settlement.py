@@ -27,7 +27,7 @@ from scrapy_x402._redact import redact
 from scrapy_x402.ledger import IllegalTransition, OwedTotal, Settlement
 from scrapy_x402.ledger import SettlementStatus as S
 from scrapy_x402.payments import PaymentBook
-from scrapy_x402.schemes.deferred import settlement_reference
+from scrapy_x402.schemes.deferred import MAX_SETTLEMENT_IDS, settlement_ids
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -143,8 +143,9 @@ class Settler:
         return 1 if network in DEV_CHAINS else 3
 
     def _owed(self) -> list[OwedTotal]:
-        # Networks without an EVM chain id are not paid on-chain: Cloudflare invoices.
-        owed = self.ledger.owed(self.account.address)
+        # Networks without an EVM chain id are not paid on-chain: Cloudflare invoices. A payee
+        # owed more commitments than one transfer may list gets several transfers.
+        owed = self.ledger.owed(self.account.address, MAX_SETTLEMENT_IDS)
         return [o for o in owed if evm_chain_id(o.network) is not None]
 
     def _skip_reason(self, owed: OwedTotal) -> Outcome | None:
@@ -233,9 +234,9 @@ class Settler:
         data = (
             TRANSFER_SELECTOR
             + abi_encode(["address", "uint256"], [owed.payee, owed.amount])
-            # Trailing bytes the token ignores; they let the payee tell which commitments
-            # this transfer pays (docs/deferred-scheme.md, reconciliation).
-            + settlement_reference(list(owed.payment_ids))
+            # Trailing bytes the token ignores: the ids of the commitments this transfer pays,
+            # so the payee reconciles it from the transaction alone (docs/deferred-scheme.md 8-9).
+            + settlement_ids(list(owed.payment_ids))
         )
         tx: dict[str, Any] = {
             "from": self.account.address,
@@ -245,6 +246,7 @@ class Settler:
             "chainId": evm_chain_id(owed.network),
             "nonce": nonce,
         }
+        # Estimated with the full calldata, which costs gas per byte (up to ~0.7 M for 500 ids).
         tx["gas"] = w3.eth.estimate_gas(tx)  # type: ignore[arg-type]
         tx.update(maxPriorityFeePerGas=fees[0], maxFeePerGas=fees[1])
         del tx["from"]

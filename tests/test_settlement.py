@@ -24,10 +24,12 @@ def ledger(tmp_path):
     ledger.close()
 
 
-def owe(ledger, payer, token, payee, amount, count=1):
-    ids = []
-    for _ in range(count):
-        pid = "0x" + os.urandom(32).hex()
+def owe(ledger, payer, token, payee, amount, count=1, ids=None):
+    """Accepted payments (commitments) of ``payer`` to ``payee``: ``count`` new ones, or
+    the given ``ids``."""
+    given, ids = ids, []
+    for given_id in given or [None] * count:
+        pid = given_id or "0x" + os.urandom(32).hex()
         book = PaymentBook(ledger)
         record = PaymentRecord(
             pid,
@@ -90,15 +92,35 @@ def test_one_transfer_per_payee_and_a_second_settle_pays_nothing(
     assert (token.balance_of(payees[0]), token.balance_of(payees[1])) == (5_000, 14_000)
 
 
-def test_transfer_carries_the_reference_of_the_commitments_it_pays(
-    ledger, payer, chain, token, payees
-):
-    from scrapy_x402.paywall import settlement_reference
-
+def test_transfer_lists_the_ids_of_the_commitments_it_pays(ledger, payer, chain, token, payees):
     ids = owe(ledger, payer, token, payees[0], 1_000, count=3)
     [outcome] = settler(ledger, payer, chain, token).settle()
-    tx = chain.w3.eth.get_transaction(outcome.tx_hash)
-    assert bytes(tx["input"])[-32:] == settlement_reference(ids)
+    data = bytes(chain.w3.eth.get_transaction(outcome.tx_hash)["input"])
+    # transfer(payee, total) ‖ id₁ ‖ id₂ ‖ id₃, strictly ascending (docs section 8)
+    assert data[:68].hex() == token.contract.encode_abi("transfer", [payees[0], 3_000])[2:]
+    assert data[68:] == b"".join(bytes.fromhex(i[2:]) for i in sorted(ids))
+    assert token.balance_of(payees[0]) == 3_000  # the token ignored the ids
+
+
+def test_a_payee_owed_more_than_one_transfer_may_list_gets_several(
+    ledger, payer, chain, token, payees
+):
+    from scrapy_x402.paywall import MAX_SETTLEMENT_IDS
+
+    ids = owe(ledger, payer, token, payees[0], 10, count=MAX_SETTLEMENT_IDS + 1)
+    nonce = chain.w3.eth.get_transaction_count(payer.address)
+    outcomes = settler(ledger, payer, chain, token).settle()
+    assert [(o.status, o.payment_count) for o in outcomes] == [
+        ("confirmed", MAX_SETTLEMENT_IDS),
+        ("confirmed", 1),
+    ]
+    txs = [chain.w3.eth.get_transaction(o.tx_hash) for o in outcomes]
+    assert [tx["nonce"] for tx in txs] == [nonce, nonce + 1]
+    listed = [bytes(tx["input"])[68:] for tx in txs]
+    assert len(listed[0]) == 32 * MAX_SETTLEMENT_IDS  # 16,000 bytes of calldata: mined
+    assert b"".join(listed) == b"".join(bytes.fromhex(i[2:]) for i in sorted(ids))
+    assert token.balance_of(payees[0]) == 10 * len(ids)
+    assert {ledger.get_status(i) for i in ids} == {Status.SETTLED}
 
 
 def test_crash_after_broadcast_before_recording_pays_once(ledger, payer, chain, token, payees):
@@ -446,7 +468,7 @@ def test_a_payment_no_longer_owed_skips_its_transfer_and_the_others_go_on(
     stale = ledger.owed(payer.address)
     # Settled meanwhile (another settle run): the list this run read is out of date.
     ledger.execute("UPDATE x402_payments SET status = 'settled' WHERE id = ?", (ids[0],))
-    monkeypatch.setattr(ledger, "owed", lambda payer: stale)
+    monkeypatch.setattr(ledger, "owed", lambda payer, max_payments=None: stale)
     outcomes = {o.payee: o for o in settler(ledger, payer, chain, token).settle()}
     assert outcomes[payees[0]].status == "skipped"
     assert "no longer" in outcomes[payees[0]].reason

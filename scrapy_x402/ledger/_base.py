@@ -351,8 +351,9 @@ class Ledger(ABC):
             for r in self.query(sql, params)
         ]
 
-    def owed(self, payer: str) -> list[OwedTotal]:
-        """Accepted payments not yet in a settlement, totalled per (network, asset, payee)."""
+    def owed(self, payer: str, max_payments: int | None = None) -> list[OwedTotal]:
+        """Accepted payments not yet in a settlement, totalled per (network, asset, payee), in
+        parts of at most ``max_payments`` payments (in id order) when it is given."""
         groups: dict[tuple[str, str, str], list[tuple[str, int]]] = defaultdict(list)
         for pid, network, asset, payee, amount in self.query(
             "SELECT id, network, asset, payee, amount FROM x402_payments "
@@ -360,12 +361,13 @@ class Ledger(ABC):
             (payer, Status.ACCEPTED),
         ):
             groups[(network, asset, payee)].append((pid, int(amount)))
-        return [
-            OwedTotal(
-                network, asset, payer, payee, sum(a for _, a in rows), tuple(pid for pid, _ in rows)
-            )
-            for (network, asset, payee), rows in sorted(groups.items())
-        ]
+        totals = []
+        for (network, asset, payee), rows in sorted(groups.items()):
+            size = max_payments or len(rows)
+            for part in (rows[start : start + size] for start in range(0, len(rows), size)):
+                amount, ids = sum(a for _, a in part), tuple(pid for pid, _ in part)
+                totals.append(OwedTotal(network, asset, payer, payee, amount, ids))
+        return totals
 
     def in_doubt(
         self, run_id: str | None = None, expired_before: int | None = None

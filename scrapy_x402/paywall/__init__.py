@@ -2,10 +2,12 @@
 
 ``DeferredVerifier`` checks payment headers with signature recovery alone (no chain access)
 and can be called from any Python web server; ``PaywallResource`` protects a Twisted resource
-with it. docs/deferred-scheme.md specifies what both check.
+with it; ``reconcile`` tells which commitments a settlement transfer pays. docs/deferred-scheme.md
+specifies what they check.
 """
 
 from scrapy_x402.paywall._book import STATUS_PATH, CommitmentBook, CommitmentStatusResource
+from scrapy_x402.paywall._reconcile import Reconciliation, reconcile, reconcile_transaction
 from scrapy_x402.paywall._resource import PaywallResource
 from scrapy_x402.paywall._verifier import (
     DeferredVerifier,
@@ -14,9 +16,15 @@ from scrapy_x402.paywall._verifier import (
     PaymentRejected,
     SQLiteNonceStore,
 )
-from scrapy_x402.schemes.deferred import Commitment, settlement_reference
+from scrapy_x402.schemes.deferred import (
+    MAX_SETTLEMENT_IDS,
+    Commitment,
+    settlement_ids,
+    settlement_reference,
+)
 
 __all__ = [
+    "MAX_SETTLEMENT_IDS",
     "STATUS_PATH",
     "Commitment",
     "CommitmentBook",
@@ -26,6 +34,10 @@ __all__ = [
     "NonceStore",
     "PaymentRejected",
     "PaywallResource",
+    "Reconciliation",
     "SQLiteNonceStore",
+    "reconcile",
+    "reconcile_transaction",
+    "settlement_ids",
     "settlement_reference",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -26,6 +27,18 @@ class CommitmentBook:
             "payee TEXT NOT NULL, token TEXT NOT NULL, chain_id INTEGER NOT NULL, "
             "amount TEXT NOT NULL, url TEXT NOT NULL, accepted_at INTEGER NOT NULL)"
         )
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS x402_paid (id TEXT PRIMARY KEY, tx_hash TEXT NOT NULL, paid_at INTEGER NOT NULL)"
+        )
+        # Reconciliation (paywall/_reconcile.py): what a settlement paid beyond the commitments
+        # it names, one row per transaction, and the paid ids found by their transaction.
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS x402_credits (tx_hash TEXT PRIMARY KEY, "
+            "chain_id INTEGER NOT NULL, token TEXT NOT NULL, payer TEXT NOT NULL, "
+            "payee TEXT NOT NULL, amount TEXT NOT NULL, reason TEXT NOT NULL, "
+            "unmatched TEXT NOT NULL, credited_at INTEGER NOT NULL)"
+        )
+        self._conn.execute("CREATE INDEX IF NOT EXISTS x402_paid_tx ON x402_paid (tx_hash)")
 
     def record(self, commitment: Commitment, url: str) -> None:
         """Call before serving the page (PaywallResource's on_accept does)."""
@@ -54,6 +67,115 @@ class CommitmentBook:
         return [
             dict(zip(columns, row, strict=True))
             for row in self._conn.execute("SELECT * FROM x402_accepted ORDER BY accepted_at, id")
+        ]
+
+    # -- reconciliation (paywall/_reconcile.py) ------------------------------------------
+
+    def commitments(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """The accepted commitments among ``ids``: payer, payee, token, chain_id, amount (int)
+        and paid_by (the transaction that paid it, or None)."""
+        found: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
+            part = ids[start : start + 500]
+            for row in self._conn.execute(
+                "SELECT a.id, a.payer, a.payee, a.token, a.chain_id, a.amount, p.tx_hash "
+                "FROM x402_accepted a LEFT JOIN x402_paid p ON p.id = a.id "
+                f"WHERE a.id IN ({', '.join('?' * len(part))})",
+                part,
+            ):
+                found[row[0]] = {
+                    "payer": row[1],
+                    "payee": row[2],
+                    "token": row[3],
+                    "chain_id": row[4],
+                    "amount": int(row[5]),
+                    "paid_by": row[6],
+                }
+        return found
+
+    def unpaid(self, payer: str, payee: str, token: str, chain_id: int) -> dict[str, int]:
+        """Accepted, unpaid commitments of ``payer`` to ``payee``: id -> amount."""
+        rows = self._conn.execute(
+            "SELECT a.id, a.amount FROM x402_accepted a LEFT JOIN x402_paid p ON p.id = a.id "
+            "WHERE p.id IS NULL AND a.payer = ? AND a.payee = ? AND a.token = ? "
+            "AND a.chain_id = ?",
+            (payer, payee, token, chain_id),
+        )
+        return {i: int(amount) for i, amount in rows}
+
+    def sells_for(self, payee: str, token: str, chain_id: int) -> bool:
+        """Whether any commitment to ``payee`` in ``token`` was accepted."""
+        row = self._conn.execute(
+            "SELECT 1 FROM x402_accepted WHERE payee = ? AND token = ? AND chain_id = ? LIMIT 1",
+            (payee, token, chain_id),
+        ).fetchone()
+        return row is not None
+
+    def reconciled(self, tx_hash: str) -> bool:
+        """Whether a settlement transaction was reconciled (it paid or credited something)."""
+        return any(
+            self._conn.execute(
+                f"SELECT 1 FROM {table} WHERE tx_hash = ? LIMIT 1", (tx_hash,)
+            ).fetchone()
+            for table in ("x402_paid", "x402_credits")
+        )
+
+    def paid_by(self, commitment_id: str) -> str | None:
+        """The transaction that paid a commitment, or None."""
+        row = self._conn.execute(
+            "SELECT tx_hash FROM x402_paid WHERE id = ?", (commitment_id.lower(),)
+        ).fetchone()
+        return row[0] if row else None
+
+    def mark_paid(self, tx_hash: str, ids: list[str], credit: dict[str, Any] | None = None) -> bool:
+        """Mark ``ids`` paid by ``tx_hash`` and record its ``credit`` (chain_id, token, payer,
+        payee, amount, reason, unmatched ids), all or nothing: False, and nothing written, if
+        the transaction was reconciled already or one of the ids is paid."""
+        now = int(time.time())
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.reconciled(tx_hash):
+                self._conn.execute("ROLLBACK")
+                return False
+            self._conn.executemany(
+                "INSERT INTO x402_paid VALUES (?, ?, ?)", [(i, tx_hash, now) for i in ids]
+            )
+            if credit is not None:
+                self._conn.execute(
+                    "INSERT INTO x402_credits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        tx_hash,
+                        credit["chain_id"],
+                        credit["token"],
+                        credit["payer"],
+                        credit["payee"],
+                        str(credit["amount"]),
+                        credit["reason"],
+                        json.dumps(list(credit["unmatched"])),
+                        now,
+                    ),
+                )
+        except sqlite3.IntegrityError:  # paid meanwhile, by another transaction
+            self._conn.execute("ROLLBACK")
+            return False
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+        return True
+
+    def credits(self, payer: str | None = None) -> list[dict[str, Any]]:
+        """Settlement value not matched to commitments, per transaction (of one payer, or all)."""
+        columns = ("tx_hash", "chain_id", "token", "payer", "payee", "amount", "reason")
+        sql = "SELECT tx_hash, chain_id, token, payer, payee, amount, reason, unmatched "
+        sql += "FROM x402_credits" + (" WHERE payer = ?" if payer else "") + " ORDER BY rowid"
+        return [
+            {
+                **dict(zip(columns, row[:7], strict=True)),
+                "amount": int(row[5]),
+                "unmatched": json.loads(row[7]),
+            }
+            for row in self._conn.execute(sql, (payer,) if payer else ())
         ]
 
 

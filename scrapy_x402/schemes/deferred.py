@@ -200,6 +200,26 @@ class DeferredScheme(X402Scheme):
         return SignedPayment(hex0x(message_digest), payload, commitment.valid_until)
 
 
+# Ids one settlement transfer may list: 16,000 bytes of calldata (docs section 8 says why).
+MAX_SETTLEMENT_IDS = 500
+
+
+def settlement_ids(commitment_ids: list[str]) -> bytes:
+    """The ids a transfer pays, 32 bytes each, strictly ascending: appended to its calldata,
+    they make the transaction its own manifest (docs section 8)."""
+    ids = sorted(_id_bytes(i) for i in commitment_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError("a commitment id is listed twice")
+    return b"".join(ids)
+
+
 def settlement_reference(commitment_ids: list[str]) -> bytes:
-    """keccak256 of the sorted commitment ids a transfer pays: appended to its calldata."""
-    return keccak(b"".join(bytes.fromhex(i[2:]) for i in sorted(commitment_ids)))
+    """Version 1's trailing bytes: keccak256 of the sorted ids (publishers still read it)."""
+    return keccak(b"".join(sorted(_id_bytes(i) for i in commitment_ids)))
+
+
+def _id_bytes(commitment_id: str) -> bytes:
+    raw = bytes.fromhex(commitment_id.removeprefix("0x"))
+    if len(raw) != 32:
+        raise ValueError(f"{commitment_id!r} is not a 32-byte commitment id")
+    return raw
