@@ -2,8 +2,9 @@
 
 Starts anvil, deploys the test token, funds a fresh crawler wallet, starts the demo news
 site, runs `scrapy crawl news` (which pays for articles and settles when it closes), then
-prints the spend report and checks every payee's on-chain balance against what the
-publisher accepted.
+prints the spend report, checks every payee's on-chain balance against what the
+publisher accepted, and reconciles the settlement transfers as the publisher would: each
+commitment it accepted must be marked paid.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from eth_account import Account
+from web3 import Web3
 
 from scrapy_x402.devchain import Anvil, TestUSD
+from scrapy_x402.paywall import CommitmentBook, reconcile_transaction
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE / ".demo"
@@ -129,11 +132,41 @@ def main() -> int:
                 f"{payee}  accepted {owed[payee] / 1e6:.6f} tUSD  on-chain {balance / 1e6:.6f} tUSD  "
                 f"{'OK' if balance == owed[payee] else 'MISMATCH'}"
             )
+        ok &= reconcile_settlements(chain, token, payees[:3])
         items = (DEMO / "articles.jsonl").read_text().splitlines()
         print(
             f"\n{len(items)} articles scraped into {DEMO / 'articles.jsonl'}, each with its payment."
         )
         return 0 if ok else 1
+
+
+def reconcile_settlements(chain: Anvil, token: TestUSD, payees: list[str]) -> bool:
+    """The news site's side of settlement: find the token transfers to its payees on chain,
+    reconcile each against its book (the ids the transfer lists), and check that every
+    commitment it accepted is now paid."""
+    banner("the publisher reconciles the settlement transfers against its book")
+    book = CommitmentBook(str(DEMO / "publisher-book.sqlite3"))
+    transfer_topic = "0x" + Web3.keccak(text="Transfer(address,address,uint256)").hex()
+    tx_hashes: set[str] = set()
+    for payee in payees:
+        to_payee = "0x" + bytes(12).hex() + payee[2:].lower()
+        logs = chain.w3.eth.get_logs(
+            {"address": token.address, "fromBlock": 0, "topics": [transfer_topic, None, to_payee]}
+        )
+        tx_hashes |= {log["transactionHash"].to_0x_hex() for log in logs}
+    for tx_hash in sorted(tx_hashes):
+        result = reconcile_transaction(chain.w3, book, tx_hash)
+        print(
+            f"{tx_hash}  {result.outcome}: {len(result.paid)} commitments paid"
+            + (f", {result.credit} credited ({result.reason})" if result.credit else "")
+        )
+    accepted = [entry["id"] for entry in book.all()]
+    unpaid = [i for i in accepted if book.paid_by(i) is None]
+    print(
+        f"{len(accepted) - len(unpaid)} of {len(accepted)} accepted commitments marked paid  "
+        f"{'OK' if accepted and not unpaid else 'MISMATCH'}"
+    )
+    return bool(accepted) and not unpaid
 
 
 if __name__ == "__main__":
