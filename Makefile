@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.refusal
 	$(BIN)/python -m bench.settlement
+	$(BIN)/python -m bench.reconcile
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.reactor
 
