@@ -70,7 +70,7 @@ def main() -> None:
                 )
             ]
             start = time.perf_counter()
-            refused = reconcile(book, *bogus, chain.chain_id)
+            refused = reconcile(book, bogus[0], bogus[1], chain.chain_id)
             bogus_seconds = time.perf_counter() - start
             start = time.perf_counter()
             outcomes = [reconcile(book, tx, receipt, chain.chain_id) for tx, receipt in honest]

@@ -151,7 +151,11 @@ def reconcile_settlements(chain: Anvil, token: TestUSD, payees: list[str]) -> bo
     for payee in payees:
         to_payee = "0x" + bytes(12).hex() + payee[2:].lower()
         logs = chain.w3.eth.get_logs(
-            {"address": token.address, "fromBlock": 0, "topics": [transfer_topic, None, to_payee]}
+            {
+                "address": Web3.to_checksum_address(token.address),
+                "fromBlock": 0,
+                "topics": [transfer_topic, None, to_payee],
+            }
         )
         tx_hashes |= {log["transactionHash"].to_0x_hex() for log in logs}
     for tx_hash in sorted(tx_hashes):
