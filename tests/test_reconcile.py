@@ -3,10 +3,13 @@ transfer pays from the transfer itself (docs/deferred-scheme.md sections 8-9).""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 
 import pytest
 from eth_abi import encode as abi_encode
+from web3 import Web3
 
 from scrapy_x402.devchain import TestUSD
 from scrapy_x402.paywall import (
@@ -272,3 +275,35 @@ def test_the_spec_test_vector_settles_with_this_calldata():
         "0000000000000000000000000000000000000000000000000000000000002710"
         "73a2cef5811b7d7770b9f2f7862757eb93f2f1d3a6eb269edd30037a92eb4771"
     )
+
+
+def _reconcile_in_another_process(path, tx, receipt, barrier, outcomes):
+    book = CommitmentBook(path)
+    barrier.wait()
+    outcomes.put(reconcile(book, tx, receipt, 31337).outcome)
+
+
+def test_publisher_processes_reconciling_one_transfer_at_once_mark_it_once(
+    book, tmp_path, payer, chain, token, payees
+):
+    ids = served(book, payer, payees[0], token, 1_000, count=3)
+    tx_hash = transfer(chain, payer, token.address, payees[0], 3_000, settlement_ids(ids))
+    # As a JSON-RPC client without web3 would pass them: hex strings.
+    tx = json.loads(Web3.to_json(chain.w3.eth.get_transaction(tx_hash)))
+    receipt = json.loads(Web3.to_json(chain.w3.eth.get_transaction_receipt(tx_hash)))
+    context = multiprocessing.get_context("spawn")
+    barrier, outcomes = context.Barrier(2), context.Queue()
+    path = str(tmp_path / "publisher.sqlite3")
+    processes = [
+        context.Process(
+            target=_reconcile_in_another_process, args=(path, tx, receipt, barrier, outcomes)
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    results = sorted(outcomes.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(10)
+    assert results == ["already reconciled", "paid"]
+    assert paid(book, ids) == dict.fromkeys(ids, tx_hash) and book.credits() == []
