@@ -196,3 +196,43 @@ async def test_a_request_that_cannot_be_signed(tmp_path, identity, settings, cap
     assert sum("not sent" in w for w in warnings) == 1
     assert identity.private_jwk()["d"] not in caplog.text
     assert "Traceback" not in caplog.text
+
+
+@deferred_f_from_coro_f
+async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_path, monkeypatch):
+    """Whatever copies a paid request to another URL (here, as a middleware between the two
+    halves might): the payment header does not leave with it, and the book keeps the payment
+    reserved, in doubt, since what its own URL answered was never seen. A retry of the same
+    URL keeps it."""
+    from eth_account import Account
+    from scrapy.utils.misc import build_from_crawler
+
+    from scrapy_x402 import X402DownloaderMiddleware, X402SigningMiddleware
+    from scrapy_x402._payer import is_paid
+    from tests.test_middleware import PAYING, offer, response402
+
+    monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())
+    settings = {
+        **PAYING,
+        "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
+        "X402_BUDGETS": {"news.example": "1"},
+    }
+    crawler = get_crawler(settings_dict=settings)
+    paying = build_from_crawler(X402DownloaderMiddleware, crawler)
+    leaving = build_from_crawler(X402SigningMiddleware, crawler)
+    answer = response402(offer())
+    paid = await paying.process_response(answer.request, answer)
+    await leaving.process_request(paid)  # it leaves, for its URL
+    payment_id = paid.meta["_x402_payment"]
+
+    retry = paid.replace(dont_filter=True)
+    await leaving.process_request(retry)
+    assert is_paid(retry) and b"PAYMENT-SIGNATURE" in retry.headers
+
+    moved = paid.replace(url="https://elsewhere.example/x")
+    await leaving.process_request(moved)
+    assert not is_paid(moved) and b"PAYMENT-SIGNATURE" not in moved.headers
+    assert crawler.stats.get_value("x402/payment_not_forwarded") == 1
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    assert ledger.get_status(payment_id) == Status.RESERVED
+    ledger.close()
