@@ -148,9 +148,9 @@ def _keys(config: X402Config, agent: str | None, key_file: Path) -> str:
         raise UsageError("give the https URL that will host the directory: --agent https://...")
     try:
         existing = load_identity(config)
-    except IdentityError as e:
+        identity = existing or BotIdentity.generate(agent=agent)
+    except IdentityError as e:  # the key, or an agent that is not printable ASCII
         raise UsageError(str(e)) from None
-    identity = existing or BotIdentity.generate(agent=agent)
     body, headers = identity.directory(urlsplit(agent).netloc)
     parts = []
     if existing is None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
 
-from scrapy_x402._payer import Payer, is_paid, response_is_cached, terms_key
+from scrapy_x402._payer import PAYMENT_HEADERS, Payer, is_paid, response_is_cached, terms_key
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
     Challenge,
@@ -222,7 +222,8 @@ class X402DownloaderMiddleware:
 class X402SigningMiddleware:
     """Pays known terms as a request leaves (after the cache had its chance to answer),
     sends a resumed request's payment only if the book agrees, keeps 402s out of the cache,
-    and takes a pre-authorised payment off a request that is redirected."""
+    takes a payment off a request that is redirected, and lets a payment header leave only
+    for the URL its payment was made for."""
 
     def __init__(self, crawler: Crawler):
         self.payer = Payer.for_crawler(crawler)
@@ -238,6 +239,7 @@ class X402SigningMiddleware:
             return
         if not self.session.doubt_resolved:
             await self.session.resolve_in_doubt()
+        self._keep_payment_home(request)
         if meta.get("x402_dont_pay"):
             return
         if is_paid(request):
@@ -247,25 +249,71 @@ class X402SigningMiddleware:
             await self.payer.preauthorize(request)
         if is_paid(request):
             _unconditional(request)
+            if "_x402_sent" not in meta:  # leaving for the first time: for this URL
+                meta["_x402_paid_url"] = request.url
             meta["_x402_sent"] = self.session.process_id  # from here on, it may be taken
 
     async def process_response(self, request: Request, response: Response) -> Response:
-        if response.status == 402 and not request.meta.get("dont_cache"):
+        meta = request.meta
+        if response.status == 402 and not meta.get("dont_cache"):
             # A 402 is an answer for this moment only: never stored by HttpCacheMiddleware.
-            request.meta.update(dont_cache=True, _x402_uncached=True)
+            meta.update(dont_cache=True, _x402_uncached=True)
+        if not is_paid(request) or response_is_cached(response):
+            return response
         if (
             response.status in REDIRECTS
             and b"Location" in response.headers
-            and request.meta.get("_x402_preauthorized")
-            and is_paid(request)
+            and not meta.get("dont_redirect")
         ):
             # RedirectMiddleware will follow it: the payment was for this URL, not served.
-            payment_id = request.meta["_x402_payment"]
+            payment_id = meta["_x402_payment"]
             await self.payer.not_served(request, f"http_{response.status}")
-            self.payer.strip(request, request.meta["x402_payment"]["status"])
-            request.meta.pop("_x402_preauthorized")
+            self.payer.strip(request, meta["x402_payment"]["status"])
+            meta.pop("_x402_preauthorized", None)
             logger.debug("x402: payment %s not used: %s redirects", payment_id, request.url)
+        elif 200 <= response.status < 300:
+            # The page paid for is this one: MetaRefreshMiddleware (580, before the payment is
+            # judged at 545) must not swap it for another URL's, taking the payment along.
+            meta["dont_redirect"] = True
         return response
+
+    def _keep_payment_home(self, request: Request) -> None:
+        """Payment headers copied onto a request for another URL (a redirect, a refresh, any
+        middleware's copy) or put there by no payment of ours are taken off: a payment header
+        never leaves for a URL it was not made for."""
+        meta = request.meta
+        if is_paid(request):
+            made_for = meta.get("_x402_paid_url", request.url)
+            if "_x402_sent" not in meta or made_for == request.url:
+                return
+            self.payer.inc("x402/payment_not_forwarded")
+            if meta["_x402_sent"] == self.session.process_id:
+                # It left with the request for its URL, and the answer was followed before
+                # its outcome was recorded: in doubt (reserved, counted), said at close.
+                logger.warning(
+                    "x402: payment %s for %s not sent on to %s; its outcome is unknown",
+                    meta["_x402_payment"],
+                    made_for,
+                    request.url,
+                )
+                self.payer.strip(request, meta["x402_payment"]["status"])
+            else:  # sent by an earlier process, whose doubt was resolved at start
+                self.payer.strip(request, "unsent")
+            return
+        carried = [name for name in PAYMENT_HEADERS if name in request.headers]
+        if carried:
+            for name in carried:
+                request.headers.pop(name, None)
+            domain = urlparse_cached(request).hostname or ""
+            self.payer.inc("x402/payment_header_dropped")
+            self.payer.once(
+                logging.WARNING,
+                ("payment_header", domain),
+                "x402: a request to %s carries %s, which no payment of this crawl made for it; "
+                "sent without it",
+                domain,
+                b", ".join(carried).decode(),
+            )
 
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})  # what RedirectMiddleware follows

@@ -256,7 +256,7 @@ class Payer(PerCrawler):
 
     def strip(self, request: Request, status: str) -> None:
         """Take the payment off ``request``, which goes on unpaid (a 402 then ends it)."""
-        for key in ("_x402_payment", "_x402_signed_in", "_x402_sent"):
+        for key in ("_x402_payment", "_x402_signed_in", "_x402_sent", "_x402_paid_url"):
             request.meta.pop(key, None)
         if "x402_payment" in request.meta:
             request.meta["x402_payment"] = {**request.meta["x402_payment"], "status": status}

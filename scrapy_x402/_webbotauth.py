@@ -12,12 +12,18 @@ import datetime
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from http_message_signatures import HTTPMessageSigner, HTTPSignatureKeyResolver, algorithms
+from http_message_signatures import (
+    HTTPMessageSignaturesException,
+    HTTPMessageSigner,
+    HTTPSignatureKeyResolver,
+    algorithms,
+)
 from http_message_signatures.structures import CaseInsensitiveDict
 
 TAG = "web-bot-auth"
@@ -26,10 +32,29 @@ DIRECTORY_CONTENT_TYPE = "application/http-message-signatures-directory+json"
 DIRECTORY_PATH = "/.well-known/http-message-signatures-directory"
 # Payment headers a signature must cover whenever the request carries them.
 PAYMENT_HEADERS = ("payment-signature", "crawler-exact-price", "crawler-max-price")
+# What a signature travels in: never kept from an earlier attempt or another host's request.
+SIGNATURE_HEADERS = ("signature", "signature-input", "signature-agent")
+# What every request signature covers besides the agent and the payment: the method and the
+# whole request target, so a captured signature verifies for this request only (another
+# method, path or query on the same host is rejected). The web-bot-auth draft requires only
+# @authority (and signature-agent when sent) and lets a signer cover more; Cloudflare verifies
+# whatever Signature-Input lists. @path and @query rather than @target-uri: they are read
+# from the request line as sent, while @target-uri makes the verifier rebuild scheme and
+# port (TLS ended at a CDN, a default port spelled or not) and is easier to get wrong there.
+REQUEST_COMPONENTS = ('"@method"', '"@authority"', '"@path"', '"@query"')
+# RFC 8941 sf-string characters (printable ASCII) and sf-key syntax.
+_SF_STRING = re.compile(r"[\x20-\x7e]*")
+_SF_KEY = re.compile(r"[a-z*][a-z0-9_.*-]*")
 
 
 class IdentityError(ValueError):
     pass
+
+
+class Unsignable(ValueError):
+    """This request cannot be signed (its URL, method or a covered header value is not
+    something RFC 9421 can sign); nothing was signed. The message names the part, never a
+    key or a header's value."""
 
 
 def b64url(data: bytes) -> str:
@@ -81,6 +106,13 @@ class BotIdentity:
     ):
         if syntax not in ("legacy", "dictionary"):
             raise IdentityError("X402_SIGNATURE_AGENT_SYNTAX must be 'legacy' or 'dictionary'")
+        # Checked once here, so that no request fails to sign for the agent or the label.
+        if agent is not None and not _SF_STRING.fullmatch(agent):
+            raise IdentityError("X402_SIGNATURE_AGENT must be printable ASCII (an https URL)")
+        if not isinstance(label, str) or not _SF_KEY.fullmatch(label):
+            raise IdentityError(
+                "X402_BOT_AUTH_LABEL must be a structured-field key (a-z, 0-9, _ - . *)"
+            )
         self.key = key
         self.agent = agent
         self.syntax = syntax
@@ -156,30 +188,38 @@ class BotIdentity:
         self, method: str, url: str, headers: dict[str, str], now: datetime.datetime | None = None
     ) -> dict[str, str]:
         """The headers to add: Signature-Agent (when an agent is set), Signature-Input and
-        Signature, covering @authority, the agent and any payment header present."""
-        headers = {k.lower(): v for k, v in headers.items()}
+        Signature, covering the method, authority, path and query, the agent and any payment
+        header present. Raises Unsignable (and only that) when the request cannot be signed."""
+        given = {k.lower(): v for k, v in headers.items()}
+        # Only what is covered goes to the signer: an odd header it does not cover is no reason
+        # to refuse, and the agent is ours, never one the request came with.
+        covered = {name: given[name] for name in PAYMENT_HEADERS if name in given}
         agent = self.signature_agent()
-        components = ['"@authority"']
+        components = list(REQUEST_COMPONENTS)
         if agent is not None:
-            headers["signature-agent"] = agent
+            covered["signature-agent"] = agent
             components.append(
                 '"signature-agent"'
                 if self.syntax == "legacy"
                 else f'"signature-agent";key="{self.label}"'
             )
-        components += [f'"{name}"' for name in PAYMENT_HEADERS if name in headers]
-        message = _Message(method, url, headers)
+        components += [f'"{name}"' for name in PAYMENT_HEADERS if name in covered]
         created = now or datetime.datetime.now(datetime.timezone.utc)
-        self._signer.sign(
-            message,
-            key_id=self.keyid,
-            created=created,
-            expires=created + datetime.timedelta(seconds=self.validity),
-            nonce=b64url(os.urandom(32)),
-            label=self.label,
-            tag=TAG,
-            covered_component_ids=components,
-        )
+        try:
+            message = _Message(method, url, covered)
+            self._signer.sign(
+                message,
+                key_id=self.keyid,
+                created=created,
+                expires=created + datetime.timedelta(seconds=self.validity),
+                nonce=b64url(os.urandom(32)),
+                label=self.label,
+                tag=TAG,
+                covered_component_ids=components,
+            )
+        except (HTTPMessageSignaturesException, ValueError, TypeError) as e:
+            # The library's messages name the component, never a value or the key.
+            raise Unsignable(str(e)[:200]) from None
         added = {
             "Signature-Input": message.headers["Signature-Input"],
             "Signature": message.headers["Signature"],

@@ -6,8 +6,10 @@ import datetime
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from scrapy_x402._webbotauth import BotIdentity, IdentityError
+from scrapy_x402._webbotauth import BotIdentity, IdentityError, Unsignable
 from tests.edgeserver.verifier import Rejected, public_key, thumbprint, verify
 
 # RFC 9421 appendix B.1.4, test-key-ed25519 (a published test key: it protects nothing)
@@ -85,8 +87,14 @@ def test_web_bot_auth_request_signature(syntax):
         {"Payment-Signature": "e30=", **added},
         {identity.keyid: identity.key.public_key()},
     )
-    agent_component = "signature-agent"
-    assert verified.components == ["@authority", agent_component, "payment-signature"]
+    assert verified.components == [
+        "@method",
+        "@authority",
+        "@path",
+        "@query",
+        "signature-agent",
+        "payment-signature",
+    ]
     assert verified.params["tag"] == "web-bot-auth" and verified.params["alg"] == "ed25519"
     assert verified.params["expires"] - verified.params["created"] == 60
     assert len(verified.params["nonce"]) >= 32
@@ -140,3 +148,103 @@ def test_directory_response_is_signed_for_the_directory():
     verified = verify("GET", url, headers, {identity.keyid: identity.key.public_key()})
     assert verified.params["tag"] == "http-message-signatures-directory"
     assert verified.components == ["@authority"]
+
+
+def test_a_captured_signature_verifies_only_for_its_method_path_and_query():
+    """A signature made for GET /a cannot be replayed on the same host as another request."""
+    identity = BotIdentity.generate(agent="https://crawler.example")
+    keys = {identity.keyid: identity.key.public_key()}
+    signed = identity.sign_request("GET", "https://news.example/a", {})
+    assert verify("GET", "https://news.example/a", signed, keys).keyid == identity.keyid
+    for method, url in [
+        ("POST", "https://news.example/admin/delete?all=1"),
+        ("POST", "https://news.example/a"),
+        ("GET", "https://news.example/admin/delete"),
+        ("GET", "https://news.example/a?all=1"),
+        ("GET", "https://other.example/a"),
+    ]:
+        with pytest.raises(Rejected, match="invalid signature"):
+            verify(method, url, signed, keys)
+    assert verify("GET", "https://news.example/a", signed, keys).components[:4] == [
+        "@method",
+        "@authority",
+        "@path",
+        "@query",
+    ]
+    # The query is covered as sent: one with a query verifies only with that query.
+    signed = identity.sign_request("GET", "https://news.example/a?page=2", {})
+    assert verify("GET", "https://news.example/a?page=2", signed, keys)
+    with pytest.raises(Rejected, match="invalid signature"):
+        verify("GET", "https://news.example/a?page=3", signed, keys)
+
+
+@pytest.mark.parametrize(
+    ("url", "headers"),
+    [
+        ("https://news.example/%zz", {}),  # Scrapy keeps a malformed escape; RFC 9421 cannot
+        ("https://news.example/a", {"crawler-max-price": "USD 0.01\x00"}),
+        ("https://news.example/a", {"crawler-max-price": "USD \u20ac1"}),
+        ("https://news.example/a", {"payment-signature": "e30=\r\nX-Evil: 1"}),
+        ("https://news.example/a", {"payment-signature": "\ud800"}),
+    ],
+)
+def test_an_unsignable_request_raises_unsignable_only(url, headers):
+    identity = BotIdentity.generate(agent="https://crawler.example")
+    with pytest.raises(Unsignable) as e:
+        identity.sign_request("GET", url, headers)
+    assert identity.private_jwk()["d"] not in str(e.value)
+
+
+def test_headers_the_signature_does_not_cover_never_stop_it():
+    identity = BotIdentity.generate(agent="https://crawler.example")
+    odd = {"X-Odd": "\x00\u20ac\ud800", "Signature-Agent": "\u20ac", "Cookie": "a=\x01"}
+    signed = identity.sign_request("GET", "https://news.example/a", odd)
+    # The agent signed is ours, not the one the request came with.
+    assert signed["Signature-Agent"] == '"https://crawler.example"'
+    assert verify(
+        "GET", "https://news.example/a", signed, {identity.keyid: identity.key.public_key()}
+    )
+
+
+@pytest.mark.parametrize("agent", ["https://cr\u00e4wler.example", "https://c.example/\n", "\x7f"])
+def test_an_agent_that_is_no_structured_field_string_is_refused_at_start(agent):
+    with pytest.raises(IdentityError, match="X402_SIGNATURE_AGENT"):
+        BotIdentity.generate(agent=agent)
+    with pytest.raises(IdentityError, match="X402_BOT_AUTH_LABEL"):
+        BotIdentity.generate(label="Sig 1")
+
+
+PROPERTY_IDENTITY = BotIdentity.generate(agent="https://crawler.example", syntax="dictionary")
+# Any text, and text that mostly can be signed (printable ASCII), so that both outcomes occur.
+texts = st.one_of(
+    st.text(max_size=30),
+    st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.one_of(st.sampled_from(["GET", "POST", "HEAD"]), st.text(max_size=8)),
+    path=texts,
+    query=st.one_of(st.none(), texts),
+    headers=st.dictionaries(
+        st.one_of(
+            st.sampled_from(["payment-signature", "Crawler-Max-Price", "crawler-exact-price"]),
+            st.text(max_size=12),
+        ),
+        texts,
+        max_size=4,
+    ),
+)
+def test_sign_request_signs_what_verifies_or_raises_unsignable(method, path, query, headers):
+    """For any method, URL and header values: headers that the independent verifier accepts
+    for exactly that request, or Unsignable; never another exception."""
+    url = "https://news.example/" + path + ("" if query is None else "?" + query)
+    try:
+        signed = PROPERTY_IDENTITY.sign_request(method, url, headers)
+    except Unsignable:
+        return
+    sent = {**headers, **signed}
+    keys = {PROPERTY_IDENTITY.keyid: PROPERTY_IDENTITY.key.public_key()}
+    verified = verify(method.upper(), url, sent, keys)
+    assert verified.components[:4] == ["@method", "@authority", "@path", "@query"]

@@ -9,6 +9,9 @@ for an acceptable crawler-max-price / crawler-exact-price, and its crawler-error
 Paths: /x402/<n> (x402 batch-settlement on cloudflare:402), /ppc/<n> (priced), /forbidden/<n> (CrawlerForbidden when paid), /flaky/<n> (InternalError once
 per path after payment), /payment-failed/<n> (PaymentFailed), the free paths (never priced;
 with "price_free_paths" they answer 402 anyway, to see that the crawler still does not pay).
+Any path with ``?to=URL`` answers 302 to URL once its signature (if any) verifies; a paid page
+with ``?refresh=URL`` carries a meta refresh to URL; /echo/<n> is a third party's free page
+that records the headers it was sent (``<book>.received.jsonl``).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ def cents(value: str) -> int | None:
 class Edge(Resource):
     isLeaf = True
 
-    def __init__(self, config: dict[str, Any], book):
+    def __init__(self, config: dict[str, Any], book, received=None):
         super().__init__()
+        self.received = received
         self.keys = {thumbprint(jwk): public_key(jwk) for jwk in config["keys"]}
         self.price = int(config["price_cents"])
         self.price_free_paths = config.get("price_free_paths", False)
@@ -58,6 +62,10 @@ class Edge(Resource):
         url = f"http://{headers.get('host', '')}{request.uri.decode()}"
         if path in FREE_PATHS and not self.price_free_paths:
             return self.page(path)
+        if path.startswith("/echo/"):
+            self.received.write(json.dumps({"url": url, "headers": headers}) + "\n")
+            self.received.flush()
+            return self.page(path)
         if path.startswith("/x402/"):
             return self.x402(request, path, url, headers)
         prices = [h for h in PRICE_HEADERS if h in headers]
@@ -67,6 +75,10 @@ class Edge(Resource):
                 self.check_web_bot_auth(verified, headers, prices)
             except Rejected as e:
                 return self.error(request, 401, "InvalidSignature", str(e))
+        if b"to" in request.args:  # moved elsewhere: not charged
+            request.setResponseCode(302)
+            request.setHeader("Location", request.args[b"to"][0])
+            return b""
         if len(prices) == 2:
             return self.error(request, 400, "ConflictingPriceHeaders")
         if not prices:
@@ -98,7 +110,8 @@ class Edge(Resource):
         request.setHeader("crawler-charged", self.usd(self.price))
         self.book.write(json.dumps({"url": url, "cents": self.price, "header": prices[0]}) + "\n")
         self.book.flush()
-        return self.page(path)
+        refresh = request.args.get(b"refresh", [b""])[0].decode()
+        return self.page(path, refresh)
 
     def x402(self, request: Request, path: str, url: str, headers: dict[str, str]) -> bytes:
         """The x402 form: batch-settlement on cloudflare:402. The price is named only to a
@@ -196,8 +209,9 @@ class Edge(Resource):
             if name not in verified.components:
                 raise Rejected(f"{name} is not covered by the signature")
 
-    def page(self, path: str) -> bytes:
-        return f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+    def page(self, path: str, refresh: str = "") -> bytes:
+        meta = f'<meta http-equiv="refresh" content="0; url={refresh}">' if refresh else ""
+        return f"<html><head><title>{path}</title>{meta}</head><body>{path}</body></html>".encode()
 
     def error(self, request: Request, status: int, code: str | None, text: str = "") -> bytes:
         request.setResponseCode(status)
@@ -214,7 +228,8 @@ def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as f:
         config = json.load(f)
     book = open(config["book"], "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
-    port = reactor.listenTCP(0, Site(Edge(config, book)), interface="127.0.0.1")  # type: ignore[attr-defined]
+    received = open(config["book"] + ".received.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+    port = reactor.listenTCP(0, Site(Edge(config, book, received)), interface="127.0.0.1")  # type: ignore[attr-defined]
     print(f"http://127.0.0.1:{port.getHost().port}", flush=True)
     reactor.run()  # type: ignore[attr-defined]
 

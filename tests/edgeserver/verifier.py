@@ -47,6 +47,8 @@ def _component_value(item: Item, method: str, url: str, headers: dict[str, str])
         return method.upper()
     if name == "@path":
         return parts.path or "/"
+    if name == "@query":  # RFC 9421 2.2.7: "?" and the query as sent; "?" alone if none
+        return "?" + parts.query
     if name == "@target-uri":
         return url
     if name.startswith("@"):
