@@ -2,11 +2,13 @@
 
 ``DeferredVerifier`` checks payment headers with signature recovery alone (no chain access)
 and can be called from any Python web server; ``PaywallResource`` protects a Twisted resource
-with it. docs/deferred-scheme.md specifies what both check.
+with it; ``PayerPolicy`` decides to whom it extends credit. docs/deferred-scheme.md
+specifies what they check.
 """
 
-from scrapy_x402.paywall._book import STATUS_PATH, CommitmentBook, CommitmentStatusResource
-from scrapy_x402.paywall._resource import PaywallResource
+from scrapy_x402.paywall._book import STATUS_PATH, CommitmentBook, CommitmentStatusResource, Debt
+from scrapy_x402.paywall._policy import PayerPolicy
+from scrapy_x402.paywall._resource import PaywallResource, Policy, request_url
 from scrapy_x402.paywall._verifier import (
     DeferredVerifier,
     MemoryNonceStore,
@@ -21,11 +23,15 @@ __all__ = [
     "Commitment",
     "CommitmentBook",
     "CommitmentStatusResource",
+    "Debt",
     "DeferredVerifier",
     "MemoryNonceStore",
     "NonceStore",
+    "PayerPolicy",
     "PaymentRejected",
     "PaywallResource",
+    "Policy",
     "SQLiteNonceStore",
+    "request_url",
     "settlement_reference",
 ]

@@ -47,8 +47,16 @@ class MockServer:
 
         return CommitmentBook(str(self.book) + ".sqlite3").all()
 
+    def release(self, code: int = 200) -> int:
+        """Answer the requests a ``hold`` section holds with ``code``: how many there were."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/release?code={code}") as response:
+            return int(response.read())
+
     def accepted(self) -> list[dict[str, Any]]:
-        """The publisher's record of what it accepted (commitments, or charges)."""
+        """The publisher's log of what it is owed: a line per commitment as its page was
+        served (deferred), or per charge (the edge server)."""
         if not self.book.exists():
             return []
         return [json.loads(line) for line in self.book.read_text().splitlines()]
