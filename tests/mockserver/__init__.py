@@ -47,11 +47,13 @@ class MockServer:
 
         return CommitmentBook(str(self.book) + ".sqlite3").all()
 
-    def release(self, code: int = 200) -> int:
-        """Answer the requests a ``hold`` section holds with ``code``: how many there were."""
+    def release(self, code: int = 200, stop: bool = False) -> int:
+        """Answer the requests a ``hold`` section holds with ``code`` (and with ``stop``, hold
+        no more): how many there were."""
         import urllib.request
 
-        with urllib.request.urlopen(f"{self.url}/release?code={code}") as response:
+        query = f"code={code}" + ("&stop=1" if stop else "")
+        with urllib.request.urlopen(f"{self.url}/release?{query}") as response:
             return int(response.read())
 
     def accepted(self) -> list[dict[str, Any]]:

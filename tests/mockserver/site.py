@@ -27,10 +27,12 @@ from tests.edgeserver.verifier import public_key, thumbprint, verify
 
 class Held:
     """Requests a page holds until the test asks ``/release?code=N``: in "response" mode
-    nothing is sent until then; in "finish" mode the page is sent at once, unfinished."""
+    nothing is sent until then; in "finish" mode the page is sent at once, unfinished.
+    ``/release?code=N&stop=1`` also stops holding: later requests are answered at once."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[Request, bytes]] = []
+        self.holding = True
 
     def hold(self, request: Request, body: bytes, mode: str) -> int:
         if mode == "finish":
@@ -58,6 +60,7 @@ class Release(Resource):
 
     def render_GET(self, request: Request) -> bytes:
         code = int(request.args.get(b"code", [b"200"])[0])
+        HELD.holding = not request.args.get(b"stop")
         return str(HELD.release(code)).encode()
 
 
@@ -109,7 +112,7 @@ class Page(Resource):
             request.setResponseCode(500)
             return b"try again"
         body = f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
-        if self.hold:
+        if self.hold and HELD.holding:
             return HELD.hold(request, body, self.hold)
         if self.delay:
 
