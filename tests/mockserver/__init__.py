@@ -56,6 +56,13 @@ class MockServer:
         with urllib.request.urlopen(f"{self.url}/release?{query}") as response:
             return int(response.read())
 
+    def pending(self) -> int:
+        """How many requests the site has not answered yet (held or delayed pages)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/pending") as response:
+            return int(response.read())
+
     def accepted(self) -> list[dict[str, Any]]:
         """The publisher's log of what it is owed: a line per commitment as its page was
         served (deferred), or per charge (the edge server)."""

@@ -53,6 +53,16 @@ class Held:
 
 
 HELD = Held()
+DELAYED: set[Request] = set()  # requests a ``delay`` page has not answered yet
+
+
+class Pending(Resource):
+    """``/pending``: how many requests the site has not answered yet (held or delayed)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return str(len(HELD.requests) + len(DELAYED)).encode()
 
 
 class Release(Resource):
@@ -117,10 +127,12 @@ class Page(Resource):
         if self.delay:
 
             def finish() -> None:
+                DELAYED.discard(request)
                 if not request._disconnected:
                     request.write(body)
                     request.finish()
 
+            DELAYED.add(request)
             reactor.callLater(self.delay, finish)  # type: ignore[attr-defined]
             return NOT_DONE_YET
         return body
@@ -278,6 +290,7 @@ def build_site(config: dict[str, Any]) -> Site:
     root.putChild(b"bad", BadTerms())
     root.putChild(b"free", Page())
     root.putChild(b"release", Release())
+    root.putChild(b"pending", Pending())
     return Site(root)
 
 
