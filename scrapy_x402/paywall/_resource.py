@@ -150,7 +150,7 @@ class _Sale:
         paywall, commitment = self.paywall, self.commitment
         receipt = paywall.verifier.receipt(commitment)
         self.request.setHeader(paywall.receipt_header, b64json_encode(receipt))
-        paywall.verifier.nonces.served(commitment.payer, commitment.nonce)
+        paywall.verifier.served(commitment)
         if paywall.book is not None:
             paywall.book.record(commitment, self.url)
         if paywall.on_served is not None:
@@ -162,7 +162,7 @@ class _Sale:
     def release(self) -> None:
         if not self.settled:
             self.settled = True
-            self.paywall.verifier.nonces.release(self.commitment.payer, self.commitment.nonce)
+            self.paywall.verifier.release(self.commitment)
 
     def ended(self, _result: Any) -> None:
         """The request finished, or its connection was lost (the failure is consumed)."""

@@ -212,7 +212,8 @@ class DeferredVerifier:
 
     def verify(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
         """``check`` then ``claim``: the commitment returned is in flight until the caller
-        reports it ``nonces.served`` or ``nonces.release``s it."""
+        reports it ``served`` (as it sends a 2xx status line) or ``release``s it (the request
+        ended without one). PaywallResource does both."""
         commitment = self.check(header_value, amount, url)
         self.claim(commitment)
         return commitment
@@ -266,6 +267,14 @@ class DeferredVerifier:
         )
         if refusal is not None:
             raise PaymentRejected(refusal)
+
+    def served(self, commitment: Commitment) -> None:
+        """Its 2xx status line is being sent: owed, never to be presented again."""
+        self.nonces.served(commitment.payer, commitment.nonce)
+
+    def release(self, commitment: Commitment) -> None:
+        """Its request ended without a 2xx: not owed, and it may be presented again."""
+        self.nonces.release(commitment.payer, commitment.nonce)
 
     def receipt(self, commitment: Commitment) -> dict[str, Any]:
         """The SettlementResponse for an accepted commitment: nothing moved on-chain yet."""
