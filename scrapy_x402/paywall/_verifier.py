@@ -51,8 +51,9 @@ class NonceStore(Protocol):
 
 
 class MemoryNonceStore:
-    """Nonces of one process. Expired commitments are rejected anyway, so their nonces
-    are forgotten and memory stays bounded by the commitments still valid."""
+    """Nonces of one process. Expired commitments are rejected anyway, so their nonces are
+    forgotten (PRUNE_MARGIN after expiry) and memory stays bounded by the commitments still
+    valid."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
         self._seen: dict[tuple[str, str], list[Any]] = {}  # -> [commitment id, valid until, state]
