@@ -2,8 +2,8 @@
 
     python demo_site.py --network eip155:31337 --token 0x... --payees 0xA,0xB,0xC [--port 0]
 
-prints the site's URL, then serves until stopped. Accepted commitments are appended to
---book (the publisher's record of what it is owed).
+prints the site's URL, then serves until stopped. Each commitment whose page was served (its
+2xx status line sent) is appended to --book: the publisher's record of what it is owed.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from scrapy_x402.paywall import (
     CommitmentStatusResource,
     DeferredVerifier,
     PaywallResource,
+    request_url,
 )
-from scrapy_x402.paywall._resource import request_url
 
 # section: (payee index, price in atomic units of a 6-decimal token, articles, host)
 SECTIONS = {
@@ -85,7 +85,7 @@ def main() -> None:
     payees = args.payees.split(",")
     book = open(args.book, "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
 
-    def on_accept(commitment, request):
+    def on_served(commitment, request):  # owed now: not when verified, which is no sale yet
         book.write(
             json.dumps(
                 {
@@ -111,7 +111,7 @@ def main() -> None:
         verifier = DeferredVerifier(args.network, args.token, payees[payee])
         root.putChild(
             name.encode(),
-            PaywallResource(Article(name), verifier, price, on_accept=on_accept, book=book_db),
+            PaywallResource(Article(name), verifier, price, on_served=on_served, book=book_db),
         )
     print(f"http://127.0.0.1:{port.getHost().port}/", flush=True)
     reactor.run()

@@ -65,6 +65,9 @@ def test_sigkill_mid_crawl_then_resume_and_settle(
         crawl.send_signal(signal.SIGKILL)  # paid requests are in flight
         crawl.wait()
         crawl.stdout.close()
+        # A page is owed once its status line is sent, even to a client that just died:
+        # what was served is known once the publisher answered the requests it had.
+        wait_for(lambda: server.pending() == 0)
         served_before = {c["id"] for c in server.served()}
         ledger = open_ledger(settings["X402_LEDGER_URI"])
         in_doubt = {d.id for d in ledger.in_doubt()}

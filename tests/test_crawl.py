@@ -235,7 +235,7 @@ async def test_a_retried_paid_request_resends_the_same_payment(
     assert len(items) == 3
     assert stats["retry/count"] == 3  # each page failed once after payment
     assert stats["x402/payment_signed"] == 3  # and was retried with the same signature
-    assert len(accepted) == 6 and len({a["id"] for a in accepted}) == 3
+    assert len(accepted) == 3 == len({a["id"] for a in accepted})  # owed once each
     assert token.balance_of(payees[2]) == 15_000  # each page paid once
 
 

@@ -13,7 +13,13 @@ from scrapy_x402._protocol import (
     b64json_encode,
     payment_header,
 )
-from scrapy_x402.paywall import Commitment, DeferredVerifier, PaymentRejected
+from scrapy_x402.paywall import (
+    Commitment,
+    DeferredVerifier,
+    MemoryNonceStore,
+    PaymentRejected,
+    SQLiteNonceStore,
+)
 from scrapy_x402.schemes.deferred import DeferredScheme
 
 NOW = 1_700_000_000
@@ -63,8 +69,12 @@ def test_a_commitment_may_be_resent_until_served_and_never_replayed(verifier):
     account = Account.create()
     header, _ = pay(verifier, account)
     first = verifier.verify(header, 1000, URL)
+    with pytest.raises(PaymentRejected, match="payment_in_flight"):  # while it is served
+        verifier.verify(header, 1000, URL)
+    verifier.nonces.release(first.payer, first.nonce)  # that request failed (a 5xx)
     assert verifier.verify(header, 1000, URL).id == first.id  # a resend after a failure
     verifier.nonces.served(first.payer, first.nonce)
+    verifier.nonces.release(first.payer, first.nonce)  # too late: a 2xx went out
     with pytest.raises(PaymentRejected, match="nonce_reused"):  # a replay of a served page
         verifier.verify(header, 1000, URL)
     # The same payer signs a different commitment (more money) under the same nonce.
@@ -75,7 +85,7 @@ def test_a_commitment_may_be_resent_until_served_and_never_replayed(verifier):
         "signature": "0x" + account.sign_message(reused.signable()).signature.hex(),
     }
     with pytest.raises(PaymentRejected, match="nonce_reused"):
-        verifier.verify(b64json_encode(envelope), 1000, URL)
+        verifier.verify(b64json_encode(envelope), 2000, URL)
 
 
 def test_replays_are_refused_across_two_publisher_processes(tmp_path):
@@ -126,6 +136,8 @@ def test_replays_are_refused_across_two_publisher_processes(tmp_path):
         ({"asset": "0x" + "98" * 20}, 1000, URL, "wrong_token"),
         ({"network": "eip155:1"}, 1000, URL, "invalid_network"),
         ({}, 1001, URL, "underpaid"),
+        ({}, 999, URL, "amount_mismatch"),  # the commitment is the price, not a blank cheque
+        ({"amount": str(2**256 - 1)}, 1000, URL, "amount_mismatch"),
         ({}, 1000, "http://pub.example/a/2", "wrong_resource"),
         ({"scheme": "exact"}, 1000, URL, "unsupported_scheme"),
     ],
@@ -156,10 +168,10 @@ def test_forged_signature_and_garbage(verifier):
     decoded = b64json_decode(header)
     decoded["payload"]["commitment"]["amount"] = "999999"  # signed for 1000
     with pytest.raises(PaymentRejected, match="invalid_signature"):
-        verifier.verify(b64json_encode(decoded), 1000, URL)
+        verifier.verify(b64json_encode(decoded), 999999, URL)
     decoded["payload"]["signature"] = "0x" + "00" * 65
     with pytest.raises(PaymentRejected, match="invalid_signature"):
-        verifier.verify(b64json_encode(decoded), 1000, URL)
+        verifier.verify(b64json_encode(decoded), 999999, URL)
     for garbage in (
         "not base64!",
         b64json_encode([1]),
@@ -179,3 +191,45 @@ def test_a_commitment_signed_by_someone_else_than_its_payer(verifier):
     )
     with pytest.raises(PaymentRejected, match="invalid_signature"):
         verifier.verify(b64json_encode(envelope), 1000, URL)
+
+
+def test_nonces_are_kept_past_expiry_whatever_the_other_process_clock(tmp_path):
+    """Two processes share a SQLiteNonceStore and their clocks differ by 2 s: the one ahead
+    must not forget a nonce the one behind still takes for valid."""
+    path = str(tmp_path / "nonces.sqlite3")
+    behind = DeferredVerifier(
+        "eip155:31337",
+        TOKEN,
+        PAYEE,
+        clock=lambda: NOW,
+        nonces=SQLiteNonceStore(path, clock=lambda: NOW),
+    )
+    ahead = DeferredVerifier(
+        "eip155:31337",
+        TOKEN,
+        PAYEE,
+        clock=lambda: NOW + 2,
+        nonces=SQLiteNonceStore(path, clock=lambda: NOW + 2),
+    )
+    header, _ = pay(behind, now=NOW - 59)  # valid until NOW + 1 (pay() signs for 60 s)
+    served = behind.verify(header, 1000, URL)
+    behind.nonces.served(served.payer, served.nonce)
+    # The process ahead claims another commitment: it prunes what it thinks has expired.
+    other, _ = pay(ahead, now=NOW + 2)
+    ahead.verify(other, 1000, URL)
+    with pytest.raises(PaymentRejected, match="nonce_reused"):  # not "accepted again"
+        behind.verify(header, 1000, URL)
+
+
+def test_a_claim_that_waited_for_the_lock_checks_expiry_again(tmp_path):
+    """The verifier checked expiry at NOW; the claim ran 5 s later (it waited for another
+    process' transaction), after the commitment expired: refused, by the store's clock."""
+    stores = [
+        SQLiteNonceStore(str(tmp_path / "nonces.sqlite3"), clock=lambda: NOW + 5),
+        MemoryNonceStore(clock=lambda: NOW + 5),
+    ]
+    for store in stores:
+        verifier = DeferredVerifier("eip155:31337", TOKEN, PAYEE, clock=lambda: NOW, nonces=store)
+        header, _ = pay(verifier, now=NOW - 57)  # valid until NOW + 3
+        with pytest.raises(PaymentRejected, match="expired"):
+            verifier.verify(header, 1000, URL)

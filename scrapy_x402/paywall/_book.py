@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -13,10 +13,19 @@ from scrapy_x402.schemes.deferred import Commitment
 STATUS_PATH = "/.well-known/x402-deferred/"
 
 
+class Debt(NamedTuple):
+    """What a payer owes in one token: the sum of its unpaid commitments, and when the
+    oldest of them was served (None: nothing owed)."""
+
+    total: int
+    since: int | None
+
+
 class CommitmentBook:
-    """The publisher's durable record of the commitments it accepted: what it is owed, what
-    it reconciles transfers against, and what it answers clients who ask (after a crash)
-    whether a commitment was accepted. One SQLite file, shareable by several processes."""
+    """The publisher's durable record of the commitments whose 2xx it sent (``x402_accepted``:
+    what it is owed), of which of them a reconciled transfer paid (``x402_paid``), and what it
+    answers clients who ask (after a crash) whether a commitment was accepted. One SQLite
+    file, shareable by several processes."""
 
     def __init__(self, path: str):
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -28,7 +37,11 @@ class CommitmentBook:
             "amount TEXT NOT NULL, url TEXT NOT NULL, accepted_at INTEGER NOT NULL)"
         )
         self._conn.execute(
-            "CREATE TABLE IF NOT EXISTS x402_paid (id TEXT PRIMARY KEY, tx_hash TEXT NOT NULL, paid_at INTEGER NOT NULL)"
+            "CREATE INDEX IF NOT EXISTS x402_accepted_payer ON x402_accepted (payer, token)"
+        )
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS x402_paid "
+            "(id TEXT PRIMARY KEY, tx_hash TEXT NOT NULL, paid_at INTEGER NOT NULL)"
         )
         # Reconciliation (paywall/_reconcile.py): what a settlement paid beyond the commitments
         # it names, one row per transaction, and the paid ids found by their transaction.
@@ -41,7 +54,8 @@ class CommitmentBook:
         self._conn.execute("CREATE INDEX IF NOT EXISTS x402_paid_tx ON x402_paid (tx_hash)")
 
     def record(self, commitment: Commitment, url: str) -> None:
-        """Call before serving the page (PaywallResource's on_accept does)."""
+        """The commitment is owed: PaywallResource calls this as the 2xx status line of its
+        page is sent (docs section 6), never earlier."""
         self._conn.execute(
             "INSERT OR IGNORE INTO x402_accepted VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -61,6 +75,15 @@ class CommitmentBook:
             "SELECT 1 FROM x402_accepted WHERE id = ?", (commitment_id.lower(),)
         ).fetchone()
         return row is not None
+
+    def debt(self, payer: str, chain_id: int, token: str) -> Debt:
+        """What ``payer`` owes in ``token``: served and not paid by a reconciled transfer."""
+        rows = self._conn.execute(
+            "SELECT amount, accepted_at FROM x402_accepted AS a WHERE payer = ? AND token = ? "
+            "AND chain_id = ? AND NOT EXISTS (SELECT 1 FROM x402_paid AS p WHERE p.id = a.id)",
+            (payer, token, chain_id),
+        ).fetchall()
+        return Debt(sum(int(a) for a, _ in rows), min((t for _, t in rows), default=None))
 
     def all(self) -> list[dict[str, str]]:
         columns = ("id", "payer", "payee", "token", "chain_id", "amount", "url", "accepted_at")

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
@@ -19,16 +20,22 @@ from scrapy_x402.paywall._book import CommitmentBook
 from scrapy_x402.paywall._verifier import DeferredVerifier, PaymentRejected
 from scrapy_x402.schemes.deferred import Commitment
 
+logger = logging.getLogger(__name__)
+
 Price = Callable[[Request], "int | None"]
+Policy = Callable[[Commitment, Request], "str | None"]
 
 
 class PaywallResource(Resource):
     """Serves ``wrapped`` only to requests that carry an acceptable commitment.
 
     ``price`` is atomic units per page, or a callable returning that for a request
-    (None: free). ``on_accept(commitment, request)`` is called for every verified
-    commitment, before the page is rendered. ``book`` (a CommitmentBook) records each
-    commitment once its page is served: what the publisher is owed.
+    (None: free). ``policy(commitment, request)`` decides, for a commitment that verified,
+    whether to extend this payer credit: None accepts, a string refuses with that
+    errorReason (a 402; the commitment is not used up). ``book`` (a CommitmentBook) records
+    each commitment as the 2xx status line of its page is sent: what the publisher is owed;
+    ``on_served(commitment, request)`` is called then too. A response other than 2xx is not
+    owed, carries no receipt, and frees the commitment to be presented again.
     """
 
     isLeaf = True
@@ -40,7 +47,8 @@ class PaywallResource(Resource):
         price: int | Price,
         *,
         x402_version: int = 2,
-        on_accept: Callable[[Commitment, Request], Any] | None = None,
+        policy: Policy | None = None,
+        on_served: Callable[[Commitment, Request], Any] | None = None,
         book: CommitmentBook | None = None,
     ):
         super().__init__()
@@ -48,49 +56,44 @@ class PaywallResource(Resource):
         self.verifier = verifier
         self.price = price if callable(price) else (lambda _request: price)
         self.x402_version = x402_version
-        self.on_accept = on_accept
+        self.policy = policy
+        self.on_served = on_served
         self.book = book
 
     def render(self, request: Request) -> bytes | int:
         amount = self.price(request)
         if amount is None:
             return self.wrapped.render(request)
-        url = request_url(request)
-        header = request.getHeader(PAYMENT_SIGNATURE if self.x402_version == 2 else V1_PAYMENT)
-        if header is None:
+        name = PAYMENT_SIGNATURE if self.x402_version == 2 else V1_PAYMENT
+        try:
+            url = request_url(request)
+            header = request.getHeader(name.encode())
+            payment = None if header is None else header.decode("ascii")
+        except UnicodeDecodeError:  # headers are ASCII; these bytes can pay for nothing
+            return self._payment_required(
+                request, amount, request_url(request, "replace"), "invalid_payload"
+            )
+        if payment is None:
             return self._payment_required(request, amount, url, "payment required")
         try:
-            commitment = self.verifier.verify(header, amount, url)
+            commitment = self.verifier.check(payment, amount, url)
+            refusal = self.policy(commitment, request) if self.policy is not None else None
+            if refusal is not None:  # before the claim: a refused commitment stays usable
+                raise PaymentRejected(refusal)
+            self.verifier.claim(commitment)
         except PaymentRejected as e:
             return self._payment_required(request, amount, url, e.reason)
-        if self.on_accept is not None:
-            self.on_accept(commitment, request)
-        request.setHeader(self._receipt_header, b64json_encode(self.verifier.receipt(commitment)))
-        body = self.wrapped.render(request)
-        if body is NOT_DONE_YET:
-            finished = request.notifyFinish()
-            finished.addCallbacks(lambda _: self._served(request, commitment), lambda _: None)
-        else:
-            self._served(request, commitment)
-        return body
-
-    def _served(self, request: Request, commitment: Commitment) -> None:
-        """A success ends the commitment's presentations; after a failure the client may
-        send it again."""
-        if request.code < 400:
-            self.verifier.nonces.served(commitment.payer, commitment.nonce)
-            if self.book is not None:  # served: now it is owed
-                self.book.record(commitment, request_url(request))
+        return _Sale(self, request, commitment, url).render()
 
     @property
-    def _receipt_header(self) -> str:
+    def receipt_header(self) -> str:
         return PAYMENT_RESPONSE if self.x402_version == 2 else V1_PAYMENT_RESPONSE
 
     def _payment_required(self, request: Request, amount: int, url: str, error: str) -> bytes:
         request.setResponseCode(402)
         terms = self.verifier.payment_required(amount, url, self.x402_version, error)
         if error != "payment required":
-            request.setHeader(self._receipt_header, b64json_encode(self.verifier.refusal(error)))
+            request.setHeader(self.receipt_header, b64json_encode(self.verifier.refusal(error)))
         if self.x402_version == 1:
             request.setHeader("Content-Type", "application/json")
             return json.dumps(terms).encode()
@@ -99,8 +102,76 @@ class PaywallResource(Resource):
         return f"402 Payment Required: {error}\n".encode()
 
 
-def request_url(request: Request) -> str:
-    """The absolute URL the client asked for, as it asked for it (Host header, path, query)."""
+class _Sale:
+    """One request presenting a claimed (in flight) commitment. The commitment is owed the
+    moment a 2xx status line goes out, however the response ends after that (docs section
+    6); a request that ends, or answers anything else, before that releases it."""
+
+    def __init__(
+        self, paywall: PaywallResource, request: Request, commitment: Commitment, url: str
+    ):
+        self.paywall = paywall
+        self.request = request
+        self.commitment = commitment
+        self.url = url
+        self.settled = False  # owed or released: nothing more to do
+        # Every write goes through the instance attribute, Twisted's own included: render()
+        # writing a returned body, finish() writing the headers of an empty one, and a
+        # resource that writes and finishes inside render (renderElement).
+        self._write = request.write
+        request.write = self.write  # type: ignore[method-assign]
+        # Before rendering: a resource that finishes inside render fires it at once.
+        request.notifyFinish().addBoth(self.ended)
+
+    def render(self) -> bytes | int:
+        try:
+            return self.paywall.wrapped.render(self.request)
+        except BaseException:  # Twisted answers a 500, or re-renders (HEAD faked by GET)
+            self.release()
+            raise
+
+    def write(self, data: bytes) -> None:
+        request = self.request
+        sends_status_line = not (
+            request.startedWriting
+            or request.finished
+            or request._disconnected
+            or getattr(request, "_inFakeHead", False)
+        )
+        if sends_status_line and not self.settled:
+            if 200 <= request.code < 300:
+                self.owed()
+            else:
+                self.release()
+        self._write(data)
+
+    def owed(self) -> None:
+        self.settled = True
+        paywall, commitment = self.paywall, self.commitment
+        receipt = paywall.verifier.receipt(commitment)
+        self.request.setHeader(paywall.receipt_header, b64json_encode(receipt))
+        paywall.verifier.served(commitment)
+        if paywall.book is not None:
+            paywall.book.record(commitment, self.url)
+        if paywall.on_served is not None:
+            try:
+                paywall.on_served(commitment, self.request)
+            except Exception:  # the page is owed and its headers go out whatever the hook did
+                logger.exception("on_served failed for commitment %s", commitment.id)
+
+    def release(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.paywall.verifier.release(self.commitment)
+
+    def ended(self, _result: Any) -> None:
+        """The request finished, or its connection was lost (the failure is consumed)."""
+        self.release()
+
+
+def request_url(request: Request, errors: str = "strict") -> str:
+    """The absolute URL the client asked for, as it asked for it (Host header, path, query).
+    A Host header that is not ASCII raises UnicodeDecodeError (with ``errors="strict"``)."""
     scheme = "https" if request.isSecure() else "http"
-    host = (request.getHeader("host") or "").strip()
+    host = (request.getHeader(b"host") or b"").strip().decode("ascii", errors)
     return f"{scheme}://{host}{request.uri.decode('latin-1')}"

@@ -20,49 +20,78 @@ class PaymentRejected(Exception):
         self.reason = reason
 
 
+# Rows of expired commitments are forgotten only this long after they expired: longer than any
+# clock skew between publisher processes, so no process forgets a nonce another still accepts.
+PRUNE_MARGIN = 600
+
+# What a (payer, nonce) is doing. The SQLite column is named ``served`` for files made by
+# earlier versions, whose 0 (bound, not served) and 1 (served) mean what they mean here.
+RELEASED, SERVED, IN_FLIGHT = 0, 1, 2
+
+
 class NonceStore(Protocol):
-    """Replay protection: which commitment each payer's nonce is bound to, and whether the
-    page it paid for was served."""
+    """Replay protection: which commitment each payer's nonce is bound to, and whether it is
+    being served (in flight), was served, or was released after a failure."""
 
-    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
-        """Bind a payer's nonce to a commitment. False when it is bound to another
-        commitment, or when its page was already served (a replay).
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> str | None:
+        """Bind a payer's nonce to a commitment and mark it in flight. None when claimed,
+        else the errorReason: ``expired`` by the store's clock, ``nonce_reused`` when bound to
+        another commitment or already served, ``payment_in_flight`` while another request
+        presents the same commitment.
 
-        The same commitment may be presented again until its page is served (a client
-        resending it after a 5xx): it is still one commitment, settled once.
+        A released commitment (its request ended without a 2xx) may be claimed again: it is
+        still one commitment, owed once.
         """
 
     def served(self, payer: str, nonce: str) -> None:
-        """The page the commitment paid for was served: no more presentations."""
+        """The commitment's 2xx status line was sent: no more presentations."""
+
+    def release(self, payer: str, nonce: str) -> None:
+        """The request ended without a 2xx: the commitment may be presented again."""
 
 
 class MemoryNonceStore:
-    """Nonces of one process. Expired commitments are rejected anyway, so their nonces
-    are forgotten and memory stays bounded by the commitments still valid."""
+    """Nonces of one process. Expired commitments are rejected anyway, so their nonces are
+    forgotten (PRUNE_MARGIN after expiry) and memory stays bounded by the commitments still
+    valid."""
 
     def __init__(self, clock: Callable[[], float] = time.time):
-        self._seen: dict[tuple[str, str], list[Any]] = {}  # -> [commitment id, valid until, served]
+        self._seen: dict[tuple[str, str], list[Any]] = {}  # -> [commitment id, valid until, state]
         self._clock = clock
         self._next_prune = 0.0
 
-    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> str | None:
         now = self._clock()
+        if valid_until <= now:
+            return "expired"
         if now >= self._next_prune:
-            self._seen = {k: v for k, v in self._seen.items() if v[1] > now}
+            self._seen = {k: v for k, v in self._seen.items() if v[1] >= now - PRUNE_MARGIN}
             self._next_prune = now + 60
-        bound = self._seen.setdefault(
-            (payer.lower(), nonce.lower()), [commitment_id, valid_until, False]
-        )
-        return bool(bound[0] == commitment_id and not bound[2])
+        key = (payer.lower(), nonce.lower())
+        bound = self._seen.get(key)
+        if bound is None:
+            self._seen[key] = [commitment_id, valid_until, IN_FLIGHT]
+            return None
+        refusal = _refusal(bound[0], bound[2], commitment_id)
+        if refusal is None:
+            bound[2] = IN_FLIGHT
+        return refusal
 
     def served(self, payer: str, nonce: str) -> None:
+        self._set(payer, nonce, SERVED)
+
+    def release(self, payer: str, nonce: str) -> None:
+        self._set(payer, nonce, RELEASED)
+
+    def _set(self, payer: str, nonce: str, state: int) -> None:
         entry = self._seen.get((payer.lower(), nonce.lower()))
-        if entry is not None:
-            entry[2] = True
+        if entry is not None and entry[2] != SERVED:
+            entry[2] = state
 
 
 class SQLiteNonceStore:
-    """Nonces shared by several publisher processes through one SQLite file."""
+    """Nonces shared by several publisher processes through one SQLite file. Every claim
+    reads the time from this store's clock, inside the transaction that claims."""
 
     def __init__(self, path: str, clock: Callable[[], float] = time.time):
         self._conn = sqlite3.connect(path, timeout=30, isolation_level=None)
@@ -74,29 +103,49 @@ class SQLiteNonceStore:
         )
         self._clock = clock
 
-    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> bool:
+    def claim(self, payer: str, nonce: str, commitment_id: str, valid_until: int) -> str | None:
         key = (payer.lower(), nonce.lower())
         self._conn.execute("BEGIN IMMEDIATE")  # one claim at a time across processes
         try:
+            now = self._clock()  # read after the lock: a claim that waited sees the time it ran
+            if valid_until <= now:
+                return "expired"
             self._conn.execute(
-                "DELETE FROM x402_nonces WHERE valid_until < ?", (int(self._clock()),)
+                "DELETE FROM x402_nonces WHERE valid_until < ?", (int(now) - PRUNE_MARGIN,)
             )
-            self._conn.execute(
-                "INSERT OR IGNORE INTO x402_nonces VALUES (?, ?, ?, ?, 0)",
-                (*key, commitment_id, valid_until),
-            )
-            bound, served = self._conn.execute(
+            row = self._conn.execute(
                 "SELECT commitment_id, served FROM x402_nonces WHERE payer = ? AND nonce = ?", key
             ).fetchone()
+            refusal = None if row is None else _refusal(row[0], row[1], commitment_id)
+            if refusal is None:
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO x402_nonces VALUES (?, ?, ?, ?, ?)",
+                    (*key, commitment_id, valid_until, IN_FLIGHT),
+                )
+            return refusal
         finally:
             self._conn.execute("COMMIT")
-        return bool(bound == commitment_id and not served)
 
     def served(self, payer: str, nonce: str) -> None:
+        self._set(payer, nonce, SERVED)
+
+    def release(self, payer: str, nonce: str) -> None:
+        self._set(payer, nonce, RELEASED)
+
+    def _set(self, payer: str, nonce: str, state: int) -> None:
         self._conn.execute(
-            "UPDATE x402_nonces SET served = 1 WHERE payer = ? AND nonce = ?",
-            (payer.lower(), nonce.lower()),
+            "UPDATE x402_nonces SET served = ? WHERE payer = ? AND nonce = ? AND served != ?",
+            (state, payer.lower(), nonce.lower(), SERVED),
         )
+
+
+def _refusal(bound_id: str, state: int, commitment_id: str) -> str | None:
+    """Why a nonce bound to ``bound_id`` in ``state`` cannot be claimed for ``commitment_id``."""
+    if bound_id != commitment_id or state == SERVED:
+        return "nonce_reused"
+    if state == IN_FLIGHT:
+        return "payment_in_flight"
+    return None
 
 
 class DeferredVerifier:
@@ -163,10 +212,16 @@ class DeferredVerifier:
         return terms
 
     def verify(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
-        """Check a ``PAYMENT-SIGNATURE`` (or v1 ``X-PAYMENT``) value for ``url`` at ``amount``.
+        """``check`` then ``claim``: the commitment returned is in flight until the caller
+        reports it ``served`` (as it sends a 2xx status line) or ``release``s it (the request
+        ended without one). PaywallResource does both."""
+        commitment = self.check(header_value, amount, url)
+        self.claim(commitment)
+        return commitment
 
-        Returns the accepted commitment (its nonce is now used) or raises PaymentRejected.
-        """
+    def check(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
+        """Check a ``PAYMENT-SIGNATURE`` (or v1 ``X-PAYMENT``) value for ``url`` at ``amount``
+        (docs section 5, steps 1-11): the commitment, or PaymentRejected. Touches no state."""
         try:
             payment = b64json_decode(header_value)
         except InvalidChallenge:
@@ -188,6 +243,7 @@ class DeferredVerifier:
             (commitment.payee == self.pay_to, "wrong_payee"),
             (commitment.token == self.asset, "wrong_token"),
             (commitment.amount >= amount, "underpaid"),
+            (commitment.amount == amount, "amount_mismatch"),  # the price, not a blank cheque
             (commitment.resource == resource_hash(url), "wrong_resource"),
             (commitment.valid_until > now, "expired"),
             (commitment.valid_until <= now + self.max_timeout_seconds + 60, "expiry_too_far"),
@@ -203,12 +259,23 @@ class DeferredVerifier:
             raise PaymentRejected("invalid_signature") from None
         if signer != commitment.payer:
             raise PaymentRejected("invalid_signature")
-        # Last, so only a valid commitment uses up its nonce.
-        if not self.nonces.claim(
-            commitment.payer, commitment.nonce, commitment.id, commitment.valid_until
-        ):
-            raise PaymentRejected("nonce_reused")
         return commitment
+
+    def claim(self, commitment: Commitment) -> None:
+        """Mark a checked commitment in flight (docs section 5, step 12), or PaymentRejected."""
+        refusal = self.nonces.claim(
+            commitment.payer, commitment.nonce, commitment.id, commitment.valid_until
+        )
+        if refusal is not None:
+            raise PaymentRejected(refusal)
+
+    def served(self, commitment: Commitment) -> None:
+        """Its 2xx status line is being sent: owed, never to be presented again."""
+        self.nonces.served(commitment.payer, commitment.nonce)
+
+    def release(self, commitment: Commitment) -> None:
+        """Its request ended without a 2xx: not owed, and it may be presented again."""
+        self.nonces.release(commitment.payer, commitment.nonce)
 
     def receipt(self, commitment: Commitment) -> dict[str, Any]:
         """The SettlementResponse for an accepted commitment: nothing moved on-chain yet."""

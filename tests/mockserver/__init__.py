@@ -47,8 +47,25 @@ class MockServer:
 
         return CommitmentBook(str(self.book) + ".sqlite3").all()
 
+    def release(self, code: int = 200, stop: bool = False) -> int:
+        """Answer the requests a ``hold`` section holds with ``code`` (and with ``stop``, hold
+        no more): how many there were."""
+        import urllib.request
+
+        query = f"code={code}" + ("&stop=1" if stop else "")
+        with urllib.request.urlopen(f"{self.url}/release?{query}") as response:
+            return int(response.read())
+
+    def pending(self) -> int:
+        """How many requests the site has not answered yet (held or delayed pages)."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/pending") as response:
+            return int(response.read())
+
     def accepted(self) -> list[dict[str, Any]]:
-        """The publisher's record of what it accepted (commitments, or charges)."""
+        """The publisher's log of what it is owed: a line per commitment as its page was
+        served (deferred), or per charge (the edge server)."""
         if not self.book.exists():
             return []
         return [json.loads(line) for line in self.book.read_text().splitlines()]

@@ -9,33 +9,108 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.template import Element, XMLString, renderElement
 
 from scrapy_x402._protocol import b64json_encode
 from scrapy_x402.paywall import (
     Commitment,
+    CommitmentBook,
+    CommitmentStatusResource,
     DeferredVerifier,
-    PaymentRejected,
+    PayerPolicy,
     PaywallResource,
     SQLiteNonceStore,
+    request_url,
 )
-from scrapy_x402.paywall._book import CommitmentBook, CommitmentStatusResource
-from scrapy_x402.paywall._resource import request_url
+from tests.edgeserver.verifier import public_key, thumbprint, verify
+
+
+class Held:
+    """Requests a page holds until the test asks ``/release?code=N``: in "response" mode
+    nothing is sent until then; in "finish" mode the page is sent at once, unfinished.
+    ``/release?code=N&stop=1`` also stops holding: later requests are answered at once."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[Request, bytes]] = []
+        self.holding = True
+
+    def hold(self, request: Request, body: bytes, mode: str) -> int:
+        if mode == "finish":
+            request.write(body)
+            body = b""
+        self.requests.append((request, body))
+        return NOT_DONE_YET
+
+    def release(self, code: int) -> int:
+        released, self.requests = self.requests, []
+        for request, body in released:
+            if not request._disconnected:
+                if not request.startedWriting:
+                    request.setResponseCode(code)
+                request.write(body)
+                request.finish()
+        return len(released)
+
+
+HELD = Held()
+DELAYED: set[Request] = set()  # requests a ``delay`` page has not answered yet
+
+
+class Pending(Resource):
+    """``/pending``: how many requests the site has not answered yet (held or delayed)."""
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return str(len(HELD.requests) + len(DELAYED)).encode()
+
+
+class Release(Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        code = int(request.args.get(b"code", [b"200"])[0])
+        HELD.holding = not request.args.get(b"stop")
+        return str(HELD.release(code)).encode()
+
+
+class Story(Element):
+    loader = XMLString(b"<html><head><title>story</title></head><body>story</body></html>")
 
 
 class Page(Resource):
     """A page; with ``fail_first`` it answers 500 to the first request for each path; with
-    ``delay`` it answers that many seconds later."""
+    ``delay`` it answers that many seconds later; with ``hold`` when the test releases it;
+    with ``template`` through twisted.web.template (which finishes inside render); with
+    ``answer`` that status (a 3xx to /free/moved) to every request."""
 
     isLeaf = True
 
-    def __init__(self, fail_first: bool = False, delay: float = 0, etag: bool = False):
+    def __init__(
+        self,
+        fail_first: bool = False,
+        delay: float = 0,
+        etag: bool = False,
+        hold: str | None = None,
+        template: bool = False,
+        answer: int | None = None,
+    ):
         super().__init__()
         self.failed: set[str] | None = set() if fail_first else None
         self.delay = delay
         self.etag = etag
+        self.hold = hold
+        self.template = template
+        self.answer = answer
 
     def render_GET(self, request: Request) -> bytes | int:
         path = request.path.decode()
+        if self.answer is not None:
+            request.setResponseCode(self.answer)
+            request.setHeader("Location", "/free/moved")
+            return b""
+        if self.template:
+            return renderElement(request, Story())
         if self.etag:  # revalidation: 304 to a matching If-None-Match (a payment taken or not)
             request.setHeader("ETag", '"v1"')
             request.setHeader("Cache-Control", "max-age=0")
@@ -47,13 +122,17 @@ class Page(Resource):
             request.setResponseCode(500)
             return b"try again"
         body = f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+        if self.hold and HELD.holding:
+            return HELD.hold(request, body, self.hold)
         if self.delay:
 
             def finish() -> None:
+                DELAYED.discard(request)
                 if not request._disconnected:
                     request.write(body)
                     request.finish()
 
+            DELAYED.add(request)
             reactor.callLater(self.delay, finish)  # type: ignore[attr-defined]
             return NOT_DONE_YET
         return body
@@ -76,18 +155,6 @@ class Moved(Resource):
             request.setHeader("Location", self.moved[name])
             return b""
         return self.paid.render(request)
-
-
-class RefusingVerifier(DeferredVerifier):
-    """Verifies like the real one, then refuses anyway: a 402 after payment."""
-
-    def __init__(self, *args: Any, reason: str, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.reason = reason
-
-    def verify(self, header_value: str | bytes, amount: int, url: str) -> Commitment:
-        super().verify(header_value, amount, url)
-        raise PaymentRejected(self.reason)
 
 
 class BadTerms(Resource):
@@ -122,12 +189,42 @@ class BadTerms(Resource):
         return b"<html>payment required</html>"
 
 
+def bot_identity(keys: list[dict[str, str]]):
+    """The verified Web Bot Auth key id of a request (None: unsigned or not verified)."""
+    by_keyid = {thumbprint(jwk): public_key(jwk) for jwk in keys}
+
+    def identity(request: Request) -> str | None:
+        headers = {
+            k.decode("latin-1"): v[-1].decode("latin-1")
+            for k, v in request.requestHeaders.getAllRawHeaders()
+        }
+        try:
+            return verify(request.method.decode(), request_url(request), headers, by_keyid).keyid
+        except Exception:  # unsigned, malformed or wrong: no identity
+            return None
+
+    return identity
+
+
+def policy_of(section: dict[str, Any], book: CommitmentBook):
+    """``refuse``: refuse every verified payment with that reason; ``policy``: PayerPolicy's
+    arguments (``bot_keys``: the public JWKs whose signatures identify a request)."""
+    if section.get("refuse"):
+        return lambda _commitment, _request: section["refuse"]
+    options = dict(section.get("policy") or {})
+    if not options:
+        return None
+    if "bot_keys" in options:
+        options["identity"] = bot_identity(options.pop("bot_keys"))
+    return PayerPolicy(book, **options)
+
+
 def build_site(config: dict[str, Any]) -> Site:
     root = Resource()
     book = open(config["book"], "a", encoding="utf-8")  # noqa: SIM115 (open for the process' life)
 
     def record(section: str):
-        def on_accept(commitment: Commitment, request: Request) -> None:
+        def on_served(commitment: Commitment, request: Request) -> None:
             book.write(
                 json.dumps(
                     {
@@ -143,9 +240,9 @@ def build_site(config: dict[str, Any]) -> Site:
             )
             book.flush()
 
-        return on_accept
+        return on_served
 
-    accepted: dict[str, int] = {}
+    served: dict[str, int] = {}
     commitments = CommitmentBook(config["book"] + ".sqlite3")  # what was served: owed
     well_known = Resource()
     well_known.putChild(b"x402-deferred", CommitmentStatusResource(commitments))
@@ -153,46 +250,47 @@ def build_site(config: dict[str, Any]) -> Site:
 
     def price_of(name: str, section: dict[str, Any]):
         """The section's price; with "price_after": {"count", "price"} it changes once that
-        many commitments were accepted."""
+        many pages were served."""
         change = section.get("price_after")
 
         def price(request: Request) -> int:
-            if change and accepted.get(name, 0) >= change["count"]:
+            if change and served.get(name, 0) >= change["count"]:
                 return int(change["price"])
             return int(section["price"])
 
         return price
 
     def counting(name: str, inner):
-        def on_accept(commitment: Commitment, request: Request) -> None:
-            accepted[name] = accepted.get(name, 0) + 1
+        def on_served(commitment: Commitment, request: Request) -> None:
+            served[name] = served.get(name, 0) + 1
             inner(commitment, request)
 
-        return on_accept
+        return on_served
 
     for name, section in config["sections"].items():
         args = (config["network"], section.get("asset", config["asset"]), section["payee"])
         nonces = SQLiteNonceStore(config["nonce_store"]) if config.get("nonce_store") else None
-        verifier = (
-            RefusingVerifier(*args, reason=section["refuse"], nonces=nonces)
-            if section.get("refuse")
-            else DeferredVerifier(*args, nonces=nonces)
-        )
         paid = PaywallResource(
             Page(
                 fail_first=section.get("fail_first", False),
                 delay=section.get("delay", 0),
                 etag=section.get("etag", False),
+                hold=section.get("hold"),
+                template=section.get("template", False),
+                answer=section.get("answer"),
             ),
-            verifier,
+            DeferredVerifier(*args, nonces=nonces),
             price_of(name, section),
             x402_version=section.get("version", 2),
-            on_accept=counting(name, record(name)),
+            policy=policy_of(section, commitments),
+            on_served=counting(name, record(name)),
             book=commitments,
         )
         root.putChild(name.encode(), Moved(paid, section.get("moved", {})))
     root.putChild(b"bad", BadTerms())
     root.putChild(b"free", Page())
+    root.putChild(b"release", Release())
+    root.putChild(b"pending", Pending())
     return Site(root)
 
 
