@@ -21,6 +21,7 @@ from scrapy_x402.paywall import (
     CommitmentBook,
     CommitmentStatusResource,
     DeferredVerifier,
+    MemoryNonceStore,
     PaywallResource,
     request_url,
 )
@@ -103,12 +104,13 @@ def main() -> None:
     # What this publisher served, and so is owed; crawlers may ask about a commitment after a crash.
     book_db = CommitmentBook(str(Path(args.book).with_suffix(".sqlite3")))
     well_known = Resource()
-    well_known.putChild(b"x402-deferred", CommitmentStatusResource(book_db))
+    nonces = MemoryNonceStore()  # replay protection shared by the sections, read by the status page
+    well_known.putChild(b"x402-deferred", CommitmentStatusResource(book_db, [nonces]))
     root.putChild(b".well-known", well_known)
     port = reactor.listenTCP(args.port, Site(root), interface="127.0.0.1")
     root.putChild(b"", FrontPage(port.getHost().port, args.wire))
     for name, (payee, price, _, _) in SECTIONS.items():
-        verifier = DeferredVerifier(args.network, args.token, payees[payee])
+        verifier = DeferredVerifier(args.network, args.token, payees[payee], nonces=nonces)
         root.putChild(
             name.encode(),
             PaywallResource(Article(name), verifier, price, on_served=on_served, book=book_db),

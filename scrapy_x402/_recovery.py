@@ -41,15 +41,18 @@ def status_url(url: str, payment_id: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{STATUS_PATH}{payment_id}"
 
 
-def parse_status(body: bytes) -> bool:
-    """The publisher's answer ``{"accepted": true|false}``."""
+def parse_status(body: bytes) -> bool | None:
+    """The publisher's answer ``{"accepted": true|false, "inFlight": true|false}``; None while
+    a request presenting the commitment is still being answered (it may yet be served)."""
     answer = json.loads(body[:MAX_ANSWER])
     if not isinstance(answer, dict) or not isinstance(answer.get("accepted"), bool):
         raise ValueError("the status endpoint did not answer {'accepted': true|false}")
+    if not answer["accepted"] and answer.get("inFlight") is True:
+        return None
     return answer["accepted"]
 
 
-def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool:
+def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool | None:
     """Ask the publisher of ``url`` whether it accepted ``payment_id`` (blocking: commands only)."""
     with urllib.request.urlopen(status_url(url, payment_id), timeout=timeout) as response:  # noqa: S310 (http(s) only)
         return parse_status(response.read(MAX_ANSWER + 1))
@@ -97,7 +100,7 @@ def resolve_in_doubt(
 
 
 async def ask_all(
-    rows: list[InDoubt], ask: Callable[[str, str], Awaitable[bool]]
+    rows: list[InDoubt], ask: Callable[[str, str], Awaitable[bool | None]]
 ) -> dict[str, bool | None]:
     """The publishers' answers for ``rows`` (None where one could not say)."""
     answers: dict[str, bool | None] = {}

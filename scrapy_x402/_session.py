@@ -179,7 +179,7 @@ class X402Session(PerCrawler):
         )
         return resolution
 
-    async def _ask_publisher(self, url: str, payment_id: str) -> bool:
+    async def _ask_publisher(self, url: str, payment_id: str) -> bool | None:
         from scrapy import Request  # noqa: PLC0415
         from scrapy.http.request import NO_CALLBACK  # noqa: PLC0415
 

@@ -259,3 +259,27 @@ def test_header_bytes_that_are_not_text_get_a_402_not_a_500(tmp_path):
             "invalid_payload"
         )
         conn.close()
+
+
+def test_the_status_endpoint_says_in_flight_while_the_page_is_being_answered(tmp_path):
+    """A crawler resolving a payment in doubt must not take "not accepted" for final while the
+    publisher is still answering a request that presents it: that request may yet be served."""
+    from scrapy_x402._recovery import parse_status
+    from tests.test_crash import wait_for
+
+    payee = Account.create().address
+    with MockServer(config(payee, hold="response"), tmp_path) as server:
+        url = f"{server.url}/news/1"
+        header, commitment_id = commitment_for(url, payee)
+        status_url = f"{server.url}/.well-known/x402-deferred/{commitment_id}"
+        with ThreadPoolExecutor(1) as pool:
+            held = pool.submit(get, url, {"PAYMENT-SIGNATURE": header})
+            wait_for(lambda: server.pending() == 1, timeout=WAIT)
+            answer = get(status_url, {}).body
+            assert json.loads(answer) == {"id": commitment_id, "accepted": False, "inFlight": True}
+            assert parse_status(answer) is None  # not known yet: the payment stays in doubt
+            server.release(200)
+            assert held.result().status == 200
+        answer = get(status_url, {}).body
+        assert json.loads(answer) == {"id": commitment_id, "accepted": True, "inFlight": False}
+        assert parse_status(answer) is True

@@ -3,12 +3,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Any, NamedTuple
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from scrapy_x402.schemes.deferred import Commitment
+
+if TYPE_CHECKING:
+    from scrapy_x402.paywall._verifier import NonceStore
 
 STATUS_PATH = "/.well-known/x402-deferred/"
 
@@ -203,14 +207,17 @@ class CommitmentBook:
 
 
 class CommitmentStatusResource(Resource):
-    """``GET /.well-known/x402-deferred/<commitment id>`` → ``{"id", "accepted"}``: lets a
-    client that crashed learn whether a commitment it sent was accepted (docs section 7)."""
+    """``GET /.well-known/x402-deferred/<commitment id>`` → ``{"id", "accepted", "inFlight"}``:
+    lets a client that crashed learn whether a commitment it sent was accepted (docs section
+    7). ``nonces``: the nonce stores of the verifiers, to say whether a request presenting the
+    commitment is still being answered (then "not accepted" is not final)."""
 
     isLeaf = True
 
-    def __init__(self, book: CommitmentBook):
+    def __init__(self, book: CommitmentBook, nonces: Iterable[NonceStore] = ()):
         super().__init__()
         self.book = book
+        self.nonces = list(nonces)
 
     def render_GET(self, request: Request) -> bytes:
         commitment_id = (
@@ -220,6 +227,8 @@ class CommitmentStatusResource(Resource):
         if len(commitment_id) != 66 or not commitment_id.startswith("0x"):
             request.setResponseCode(400)
             return b'{"error": "not a commitment id"}'
+        accepted = self.book.accepted(commitment_id)
+        in_flight = not accepted and any(n.in_flight(commitment_id) for n in self.nonces)
         return json.dumps(
-            {"id": commitment_id, "accepted": self.book.accepted(commitment_id)}
+            {"id": commitment_id, "accepted": accepted, "inFlight": in_flight}
         ).encode()

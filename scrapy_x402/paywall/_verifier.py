@@ -49,6 +49,10 @@ class NonceStore(Protocol):
     def release(self, payer: str, nonce: str) -> None:
         """The request ended without a 2xx: the commitment may be presented again."""
 
+    def in_flight(self, commitment_id: str) -> bool:
+        """Whether a request presenting the commitment is being answered now (so whether it
+        will be owed is not known yet: docs section 7)."""
+
 
 class MemoryNonceStore:
     """Nonces of one process. Expired commitments are rejected anyway, so their nonces are
@@ -83,6 +87,10 @@ class MemoryNonceStore:
     def release(self, payer: str, nonce: str) -> None:
         self._set(payer, nonce, RELEASED)
 
+    def in_flight(self, commitment_id: str) -> bool:
+        # A scan: only clients recovering from a crash ask.
+        return any(v[0] == commitment_id and v[2] == IN_FLIGHT for v in self._seen.values())
+
     def _set(self, payer: str, nonce: str, state: int) -> None:
         entry = self._seen.get((payer.lower(), nonce.lower()))
         if entry is not None and entry[2] != SERVED:
@@ -100,6 +108,9 @@ class SQLiteNonceStore:
             "CREATE TABLE IF NOT EXISTS x402_nonces (payer TEXT NOT NULL, nonce TEXT NOT NULL, "
             "commitment_id TEXT NOT NULL, valid_until INTEGER NOT NULL, served INTEGER NOT NULL, "
             "PRIMARY KEY (payer, nonce))"
+        )
+        self._conn.execute(
+            "CREATE INDEX IF NOT EXISTS x402_nonces_commitment ON x402_nonces (commitment_id)"
         )
         self._clock = clock
 
@@ -131,6 +142,13 @@ class SQLiteNonceStore:
 
     def release(self, payer: str, nonce: str) -> None:
         self._set(payer, nonce, RELEASED)
+
+    def in_flight(self, commitment_id: str) -> bool:
+        row = self._conn.execute(
+            "SELECT 1 FROM x402_nonces WHERE commitment_id = ? AND served = ?",
+            (commitment_id, IN_FLIGHT),
+        ).fetchone()
+        return row is not None
 
     def _set(self, payer: str, nonce: str, state: int) -> None:
         self._conn.execute(

@@ -17,6 +17,7 @@ from scrapy_x402.paywall import (
     CommitmentBook,
     CommitmentStatusResource,
     DeferredVerifier,
+    MemoryNonceStore,
     PayerPolicy,
     PaywallResource,
     SQLiteNonceStore,
@@ -245,7 +246,11 @@ def build_site(config: dict[str, Any]) -> Site:
     served: dict[str, int] = {}
     commitments = CommitmentBook(config["book"] + ".sqlite3")  # what was served: owed
     well_known = Resource()
-    well_known.putChild(b"x402-deferred", CommitmentStatusResource(commitments))
+    # One nonce store for every section, which the status endpoint reads too.
+    nonces = (
+        SQLiteNonceStore(config["nonce_store"]) if config.get("nonce_store") else MemoryNonceStore()
+    )
+    well_known.putChild(b"x402-deferred", CommitmentStatusResource(commitments, [nonces]))
     root.putChild(b".well-known", well_known)
 
     def price_of(name: str, section: dict[str, Any]):
@@ -269,7 +274,6 @@ def build_site(config: dict[str, Any]) -> Site:
 
     for name, section in config["sections"].items():
         args = (config["network"], section.get("asset", config["asset"]), section["payee"])
-        nonces = SQLiteNonceStore(config["nonce_store"]) if config.get("nonce_store") else None
         paid = PaywallResource(
             Page(
                 fail_first=section.get("fail_first", False),
