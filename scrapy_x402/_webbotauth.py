@@ -31,7 +31,7 @@ DIRECTORY_TAG = "http-message-signatures-directory"
 DIRECTORY_CONTENT_TYPE = "application/http-message-signatures-directory+json"
 DIRECTORY_PATH = "/.well-known/http-message-signatures-directory"
 # Payment headers a signature must cover whenever the request carries them.
-PAYMENT_HEADERS = ("payment-signature", "crawler-exact-price", "crawler-max-price")
+PAYMENT_HEADERS = ("payment-signature", "x-payment", "crawler-exact-price", "crawler-max-price")
 # What a signature travels in: never kept from an earlier attempt or another host's request.
 SIGNATURE_HEADERS = ("signature", "signature-input", "signature-agent")
 # What every request signature covers besides the agent and the payment: the method and the

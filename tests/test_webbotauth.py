@@ -248,3 +248,13 @@ def test_sign_request_signs_what_verifies_or_raises_unsignable(method, path, que
     keys = {PROPERTY_IDENTITY.keyid: PROPERTY_IDENTITY.key.public_key()}
     verified = verify(method.upper(), url, sent, keys)
     assert verified.components[:4] == ["@method", "@authority", "@path", "@query"]
+
+
+def test_an_x402_v1_payment_header_is_covered_too():
+    identity = BotIdentity.generate()
+    url = "https://news.example/paid/1"
+    added = identity.sign_request("GET", url, {"X-PAYMENT": "e30="})
+    keys = {identity.keyid: identity.key.public_key()}
+    assert "x-payment" in verify("GET", url, {"X-PAYMENT": "e30=", **added}, keys).components
+    with pytest.raises(Rejected):  # another payment under our signature
+        verify("GET", url, {"X-PAYMENT": "e31=", **added}, keys)
