@@ -253,7 +253,7 @@ VERIFIER = DeferredVerifier("eip155:84532", "0x" + "11" * 20, "0x" + "22" * 20)
 @PROPERTY
 @given(nested_json())
 def test_the_publishers_verifier_refuses_deep_payloads(nested):
-    inner, depth = nested
+    inner, _ = nested
     text = (
         '{"x402Version": 2, "accepted": {"scheme": "deferred", "network": "eip155:84532"}, '
         '"payload": {"commitment": ' + inner + "}}"
