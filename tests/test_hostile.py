@@ -3,17 +3,21 @@ budget and the offer first accepted, each case has its own stat, and the crawl g
 
 from __future__ import annotations
 
+import base64
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 from eth_account import Account
 from scrapy.utils.defer import deferred_f_from_coro_f
 
+from scrapy_x402._protocol import b64json_decode
 from scrapy_x402._webbotauth import BotIdentity
 from scrapy_x402.ledger import Status, open_ledger
 from scrapy_x402.schemes import DeferredScheme
 from tests.mockserver import MockServer
-from tests.test_crawl import crawl, ledger_rows
+from tests.test_crawl import crawl, ledger_rows, sections
 
 
 class Hostile(MockServer):
@@ -150,3 +154,28 @@ async def test_a_bug_while_reading_a_paid_response_still_records_its_outcome(
     assert stats["x402/payment_failed/internal_error"] == 2
     assert {r[1] for r in ledger_rows(settings)} == {Status.FAILED}  # not left reserved
     assert caplog.text.count("RuntimeError: a bug in reading receipts") == 2
+
+
+@pytest.mark.parametrize(
+    "payment",
+    [
+        b"[" * 2000,  # 2000 levels in a 2.7 KB header: RecursionError, a 500, before
+        b'{"x402Version": 2, "payload": ' * 40 + b"{}" + b"}" * 40,
+        b'{"x402Version": 2, "accepted": {"scheme": "deferred", "network": "\\ud800"}, '
+        b'"payload": {}}',
+    ],
+)
+def test_the_paywall_refuses_a_malformed_payment_as_invalid(tmp_path, token, payees, payment):
+    """A hostile client: the publisher's verifier shares the crawler's decoder, so a payment
+    nested too deep (or holding a lone surrogate) is ``invalid_payload``, a 402, never a 500."""
+    with MockServer(sections(token, payees), tmp_path) as server:
+        request = urllib.request.Request(
+            f"{server.url}/news/1", headers={"PAYMENT-SIGNATURE": base64.b64encode(payment)}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=10)
+        refused = answer.value
+        receipt = refused.headers["PAYMENT-RESPONSE"]
+        refused.close()
+    assert refused.code == 402
+    assert b64json_decode(receipt)["errorReason"] == "invalid_payload"
