@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.defer import CancelledError
 
 from scrapy_x402._payer import Payer, is_paid, response_is_cached, terms_key
 from scrapy_x402._protocol import (
@@ -144,6 +145,8 @@ class X402DownloaderMiddleware:
         spider, since the page may well have been paid for; the traceback is logged."""
         try:
             return await self._paid_response(request, response)
+        except CancelledError:
+            raise  # the crawl is stopping: not a bug; the payment stays in doubt (reserved)
         except Exception:
             self.payer.inc("x402/internal_error")
             logger.exception(
