@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup demo test bench lint contracts clean
+.PHONY: setup demo test bench fuzz lint contracts clean
 
 setup: .setup-python .setup-node
 
@@ -33,6 +33,15 @@ bench: setup
 	$(BIN)/python -m bench.reconcile
 	$(BIN)/python -m bench.throughput
 	$(BIN)/python -m bench.reactor
+
+# Fuzzing (not tests): each atheris harness in fuzz/ for FUZZ_SECONDS; see fuzz/README.md.
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES ?= challenge receipt cloudflare signing verifier botauth
+fuzz: setup
+	$(BIN)/pip install --quiet -e '.[fuzz]'
+	status=0; for harness in $(FUZZ_HARNESSES); do \
+		PYTHONPATH=. $(BIN)/python -m fuzz.$$harness -max_total_time=$(FUZZ_SECONDS) || status=1; \
+	done; exit $$status
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
+from twisted.internet.defer import CancelledError
 
 from scrapy_x402._payer import PAYMENT_HEADERS, Payer, is_paid, response_is_cached, terms_key
 from scrapy_x402._protocol import (
     PAYMENT_REQUIRED,
     Challenge,
     InvalidChallenge,
+    parse_atomic,
     parse_challenge,
     parse_crawler_price,
     parse_receipt,
@@ -69,7 +71,7 @@ class X402DownloaderMiddleware:
             if retry is not None:
                 return retry
             # What became of the payment is durable before the spider sees the page.
-            return await self._paid_response(request, response)
+            return await self._paid_response_guarded(request, response)
         if response.status != 402 or request.meta.get("x402_dont_pay"):
             return response
         return await self._pay(request, response)
@@ -134,10 +136,41 @@ class X402DownloaderMiddleware:
 
     # -- after paying ------------------------------------------------------------------
 
+    async def _paid_response_guarded(
+        self, request: Request, response: Response
+    ) -> Request | Response:
+        """A bug while reading a paid response must not leave its payment ``reserved`` with
+        nobody told: the payment is recorded as not confirmed, as without a receipt (a
+        transfer stays held, a commitment is released), and the response goes on to the
+        spider, since the page may well have been paid for; the traceback is logged."""
+        try:
+            return await self._paid_response(request, response)
+        except CancelledError:
+            raise  # the crawl is stopping: not a bug; the payment stays in doubt (reserved)
+        except Exception:
+            self.payer.inc("x402/internal_error")
+            logger.exception(
+                "x402: error while reading the paid response of %s; its payment is recorded "
+                "as not confirmed",
+                request,
+            )
+            if is_paid(request):  # its outcome was not recorded yet
+                await self.payer.not_served(request, "internal_error")
+            return response
+
     async def _paid_response(self, request: Request, response: Response) -> Request | Response:
         payer = self.payer
         domain = urlparse_cached(request).hostname or ""
-        receipt = parse_receipt(response.headers)
+        receipt, unreadable = parse_receipt(response.headers)
+        if unreadable is not None:
+            payer.inc("x402/invalid_receipt")
+            payer.once(
+                logging.WARNING,
+                ("invalid_receipt", domain),
+                "x402: unreadable receipt from %s (%s); read as no receipt",
+                domain,
+                unreadable,
+            )
         payment = request.meta["x402_payment"]
         if 200 <= response.status < 300:
             scheme = self.session.schemes[payment["scheme"]]
@@ -145,13 +178,16 @@ class X402DownloaderMiddleware:
                 receipt, request.meta["_x402_payment"], int(payment["amount"])
             )
             if confirmation is None:
-                await payer.not_served(request, "no_receipt")
-                payer.once(
-                    logging.WARNING,
-                    ("no_receipt", domain),
-                    "x402: %s served a paid page without a receipt confirming the payment",
-                    domain,
+                await payer.not_served(
+                    request, "invalid_receipt" if receipt is None and unreadable else "no_receipt"
                 )
+                if not unreadable:  # else said above
+                    payer.once(
+                        logging.WARNING,
+                        ("no_receipt", domain),
+                        "x402: %s served a paid page without a receipt confirming the payment",
+                        domain,
+                    )
             else:
                 self._check_receipt(receipt, payment, domain)
                 await payer.confirmed(request, confirmation, receipt, domain)
@@ -198,12 +234,12 @@ class X402DownloaderMiddleware:
         counted and logged; the ledger keeps what was signed, never what a receipt claims."""
         if not isinstance(receipt, dict):
             return
-        claimed = str(receipt.get("amount", ""))
         claims = {
             "network": receipt.get("network") not in (None, payment["network"]),
             "payer": isinstance(receipt.get("payer"), str)
             and receipt["payer"].lower() != self.session.payer.lower(),
-            "amount": claimed.isdigit() and int(claimed) > int(payment["amount"]),
+            "amount": "amount" in receipt
+            and not _at_most(receipt["amount"], int(payment["amount"])),
         }
         for field, wrong in claims.items():
             if wrong:
@@ -360,6 +396,14 @@ def _read_challenge(response: Response, domain: str) -> Challenge:
     if header is None and price is not None:
         return parse_crawler_price(price, domain, response.url)
     return parse_challenge(header, response.body)
+
+
+def _at_most(amount: object, signed: int) -> bool:
+    """A receipt's amount that is a readable amount, at most what was signed."""
+    try:
+        return parse_atomic(amount, "receipt amount", 0) <= signed
+    except InvalidChallenge:
+        return False
 
 
 def _challenge_error(response: Response) -> str | None:

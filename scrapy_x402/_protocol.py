@@ -1,7 +1,8 @@
 """The x402 wire format: 402 challenges (v1 body, v2 header), payment headers, receipts.
 
 One tolerant parser turns what servers send into one normalised model. Anything it cannot
-read with certainty raises InvalidChallenge with a short reason: an amount is never guessed.
+read with certainty raises InvalidChallenge with a short reason, and nothing else: an amount
+is never guessed, and no input makes a parser raise another exception.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from eth_utils import is_hex_address, to_checksum_address
 
@@ -28,8 +30,17 @@ V1_PAYMENT_RESPONSE = "X-PAYMENT-RESPONSE"
 MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 MAX_OFFERS = 32
+MAX_JSON_DEPTH = 32  # nesting levels of arrays and objects; x402 documents need about 5
+UINT256_MAX = 2**256 - 1
 UNKNOWN_AMOUNT = 0  # an offer whose price is not given yet; never paid as such
-_ATOMIC = re.compile(r"^[0-9]{1,78}$")  # uint256 has at most 78 decimal digits
+# The spec's decimal-string grammar for amounts: ASCII digits, no sign, no leading zero, no
+# spaces or underscores; uint256 has at most 78 decimal digits.
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,77}")
+# Integer versions; real servers also send "2" or "2.0.0".
+_VERSION = re.compile(r"([12])(\.[0-9]{1,9}){0,2}")
+# A JSON string (closed, or running to the end: never backtracks) or a bracket.
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?\Z)|[][{}]', re.DOTALL)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class InvalidChallenge(ValueError):
@@ -71,7 +82,8 @@ def b64json_encode(obj: Any) -> str:
 
 
 def b64json_decode(value: bytes | str, max_bytes: int = MAX_HEADER_BYTES) -> Any:
-    """Decode standard base64 of UTF-8 JSON; tolerate missing padding and urlsafe."""
+    """Decode standard base64 of UTF-8 JSON (as ``json_decode``); tolerate missing padding
+    and urlsafe."""
     if isinstance(value, str):
         value = value.encode("latin-1", "replace")
     if len(value) > max_bytes:
@@ -80,9 +92,45 @@ def b64json_decode(value: bytes | str, max_bytes: int = MAX_HEADER_BYTES) -> Any
     value += b"=" * (-len(value) % 4)
     try:
         data = base64.b64decode(value.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
-        return json.loads(data.decode("utf-8"))
     except (binascii.Error, ValueError):
-        raise InvalidChallenge("not base64 of UTF-8 JSON") from None
+        raise InvalidChallenge("header is not base64 of UTF-8 JSON") from None
+    return json_decode(data, "header")
+
+
+def json_decode(data: bytes, what: str) -> Any:
+    """UTF-8 JSON nested at most MAX_JSON_DEPTH levels, whose strings are all Unicode text
+    (no lone surrogate escapes, which could not be encoded again to sign or hash them).
+    Anything else raises InvalidChallenge, saying what ``what`` is."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidChallenge(f"{what} is not UTF-8 JSON") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        # Checked before parsing: the parser recurses once per level.
+        raise InvalidChallenge(f"{what} nests JSON more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        value = json.loads(text)
+    except ValueError:  # also numbers over Python's 4300-digit limit
+        raise InvalidChallenge(f"{what} is not UTF-8 JSON") from None
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidChallenge(f"{what} has a string with a lone surrogate") from None
+    return value
+
+
+def json_depth(text: str) -> int:
+    """How deeply the arrays and objects of JSON ``text`` nest, brackets inside strings
+    ignored; one linear scan."""
+    depth = deepest = 0
+    for token in _JSON_TOKENS.findall(text):
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in ("]", "}"):
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def parse_challenge(header: bytes | None, body: bytes) -> Challenge:
@@ -92,10 +140,7 @@ def parse_challenge(header: bytes | None, body: bytes) -> Challenge:
     else:
         if len(body) > MAX_BODY_BYTES:
             raise InvalidChallenge("no PAYMENT-REQUIRED header and a body over 64 KiB")
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise InvalidChallenge("no PAYMENT-REQUIRED header and the body is not JSON") from None
+        data = json_decode(body, "no PAYMENT-REQUIRED header and the body")
     if not isinstance(data, dict):
         raise InvalidChallenge("payment terms are not a JSON object")
     version = _version(data.get("x402Version"))
@@ -125,14 +170,14 @@ def parse_challenge(header: bytes | None, body: bytes) -> Challenge:
 
 
 def _version(value: Any) -> int:
-    # Real servers send 2, "2" or "2.0.0".
-    if isinstance(value, bool):
-        raise InvalidChallenge("x402Version is not a number")
-    if isinstance(value, str):
-        value = value.split(".", 1)[0].strip()
-        value = int(value) if value.isdigit() else None
-    if value not in (1, 2):
-        raise InvalidChallenge(f"unknown x402Version {value!r}")
+    """1 or 2, as a JSON integer; real servers also send the strings "2" or "2.0.0". Not
+    a float (``1.0``), not a bool."""
+    if isinstance(value, str) and (match := _VERSION.fullmatch(value)):
+        return int(match[1])
+    if isinstance(value, (bool, float)):
+        raise InvalidChallenge(f"x402Version {value!r} is not an integer")
+    if not isinstance(value, int) or value not in (1, 2):
+        raise InvalidChallenge(f"unknown x402Version {str(value)[:20]!r}")
     return value
 
 
@@ -162,6 +207,8 @@ def _offer(raw: Any, version: int, resource: Mapping[str, Any] | None) -> Offer:
         timeout = None  # often missing: the caller applies its own cap
     extra = raw.get("extra")
     url = raw.get("resource") if version == 1 else (resource or {}).get("url")
+    if isinstance(url, str) and not _is_url(url):
+        raise InvalidChallenge(f"an offer's resource {url[:40]!r} is not a URL")
     return Offer(
         scheme=scheme,
         network=network,
@@ -175,18 +222,28 @@ def _offer(raw: Any, version: int, resource: Mapping[str, Any] | None) -> Offer:
     )
 
 
-def parse_atomic(value: Any) -> int:
-    """An amount in atomic units: a positive integer, as a JSON string or number."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
+def parse_atomic(
+    value: Any, what: str = "amount", minimum: int = 1, maximum: int = UINT256_MAX
+) -> int:
+    """An amount in atomic units (or another uint256 such as ``validUntil``) in the spec's
+    decimal-string grammar: a JSON string of ASCII digits ``0|[1-9][0-9]*``, within
+    [minimum, maximum]. The one parser of such numbers from outside input."""
     if not isinstance(value, str):
-        raise InvalidChallenge("an offer has no amount")
-    if not _ATOMIC.match(value.strip()):
-        raise InvalidChallenge(f"amount {value[:40]!r} is not a whole number of atomic units")
-    amount = int(value)
-    if amount <= 0 or amount >= 2**256:
-        raise InvalidChallenge(f"amount {value[:40]!r} is out of range")
-    return amount
+        raise InvalidChallenge(f"{what} is missing or not a decimal string")
+    if not _DECIMAL.fullmatch(value):
+        raise InvalidChallenge(f"{what} {value[:40]!r} is not a whole number of atomic units")
+    number = int(value)
+    if not minimum <= number <= maximum:
+        raise InvalidChallenge(f"{what} {value[:40]!r} is out of range")
+    return number
+
+
+def _is_url(value: str) -> bool:
+    try:
+        urlsplit(value)
+    except ValueError:  # an unbalanced "[" in the host, for one
+        return False
+    return True
 
 
 def payment_header(
@@ -250,24 +307,30 @@ def parse_crawler_price(value: bytes, host: str, url: str) -> Challenge:
     return Challenge(version=0, offers=(offer,), resource=None, error=None, extensions={})
 
 
-def parse_receipt(headers: Any) -> dict[str, Any] | None:
-    """The decoded ``PAYMENT-RESPONSE`` (or v1 ``X-PAYMENT-RESPONSE``), if readable; for
-    Cloudflare's header form, ``{"crawler-charged": "USD 0.01"}``."""
+def parse_receipt(headers: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The decoded ``PAYMENT-RESPONSE`` (or v1 ``X-PAYMENT-RESPONSE``), or for Cloudflare's
+    header form ``{"crawler-charged": "USD 0.01", "timestamp": <its Date>}``; None when
+    there is none or it is unreadable. Second: why a receipt sent could not be (all) read."""
     charged = headers.get("crawler-charged")
     if charged:
         receipt: dict[str, Any] = {"crawler-charged": charged.decode("latin-1")}
+        date = headers.get("Date")
+        if date is None:
+            return receipt, None
         try:  # when Cloudflare charged: its Date header
-            date = email.utils.parsedate_to_datetime(headers.get("Date", b"").decode("latin-1"))
-            receipt["timestamp"] = int(date.timestamp())
-        except (TypeError, ValueError):
-            pass
-        return receipt
+            when = email.utils.parsedate_to_datetime(date.decode("latin-1"))
+            receipt["timestamp"] = int(when.timestamp())
+        except (TypeError, ValueError, OverflowError):  # a year past 9999, an odd zone...
+            return receipt, f"Date {date[:40]!r} is not a date"
+        return receipt, None
     for name in (PAYMENT_RESPONSE, V1_PAYMENT_RESPONSE):
         value = headers.get(name)
         if value:
             try:
                 data = b64json_decode(value)
-            except InvalidChallenge:
-                return None
-            return data if isinstance(data, dict) else None
-    return None
+            except InvalidChallenge as e:
+                return None, f"{name} {e.reason}"
+            if not isinstance(data, dict):
+                return None, f"{name} is not a JSON object"
+            return data, None
+    return None, None

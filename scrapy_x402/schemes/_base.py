@@ -122,7 +122,7 @@ def validity(offer: Offer, now: int, max_timeout: int) -> int:
     return now + min(offer.max_timeout_seconds or max_timeout, max_timeout)
 
 
-_TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")  # fullmatch: "$" would allow a final newline
 
 
 def settled_transaction(receipt: Mapping[str, Any] | None) -> str | None:
@@ -132,7 +132,7 @@ def settled_transaction(receipt: Mapping[str, Any] | None) -> str | None:
     if (
         receipt.get("success") is True
         and isinstance(transaction, str)
-        and _TX_HASH.match(transaction)
+        and _TX_HASH.fullmatch(transaction)
     ):
         return transaction.lower()
     return None

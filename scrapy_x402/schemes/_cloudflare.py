@@ -32,7 +32,11 @@ def cloudflare_refusal(offer: Offer, identity: bool) -> str | None:
         return "network"
     if not identity:
         return "no_bot_identity"  # the payment must be covered by a Web Bot Auth signature
-    if urlsplit(offer.resource or "").path in FREE_PATHS:
+    try:
+        path = urlsplit(offer.resource or "").path
+    except ValueError:  # a resource that is not a URL: what it costs cannot be told
+        return "resource_url"
+    if path in FREE_PATHS:
         return "free_path"
     return None
 

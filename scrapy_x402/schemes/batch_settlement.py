@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from scrapy_x402._assets import CLOUDFLARE
-from scrapy_x402._protocol import UNKNOWN_AMOUNT, Offer, parse_atomic
+from scrapy_x402._protocol import UNKNOWN_AMOUNT, InvalidChallenge, Offer, parse_atomic
 from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import Confirmation, SignedPayment, X402Scheme
 from scrapy_x402.schemes._cloudflare import VALIDITY, cloudflare_refusal
@@ -50,8 +50,8 @@ class BatchSettlementScheme(X402Scheme):
         if receipt.get("network") != CLOUDFLARE or "timestamp" not in receipt:
             return None
         try:
-            amount = parse_atomic(receipt.get("amount"))
-        except ValueError:
+            amount = parse_atomic(receipt.get("amount"), "receipt amount")
+        except InvalidChallenge:
             logger.warning("x402: Cloudflare receipt for %s has no usable amount", payment_id)
             return Confirmation(Status.ACCEPTED)
         return Confirmation(Status.ACCEPTED, amount=min(amount, signed_amount))

@@ -6,6 +6,7 @@ its EIP-712 part: building, signing, recovering and identifying commitments.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils import is_hex_address, to_checksum_address
 
 from scrapy_x402._networks import evm_chain_id
-from scrapy_x402._protocol import Offer
+from scrapy_x402._protocol import InvalidChallenge, Offer, parse_atomic
 from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import (
     Confirmation,
@@ -130,16 +131,15 @@ class Commitment:
     def from_json(cls, chain_id: int, data: Any) -> Commitment:
         if not isinstance(data, Mapping):
             raise InvalidCommitment("commitment is not an object")
-        try:
-            addresses = [data[k] for k in ("payer", "payee", "token")]
-            if not all(isinstance(a, str) and is_hex_address(a) for a in addresses):
-                raise InvalidCommitment("payer, payee or token is not an address")
-            amount, valid_until = int(str(data["amount"])), int(str(data["validUntil"]))
-            resource, nonce = _bytes32(data["resource"]), _bytes32(data["nonce"])
-        except (KeyError, ValueError, TypeError):
-            raise InvalidCommitment("commitment fields are missing or malformed") from None
-        if not (0 < amount < 2**256 and 0 < valid_until < 2**64):
-            raise InvalidCommitment("amount or validUntil out of range")
+        addresses = [data.get(k) for k in ("payer", "payee", "token")]
+        if not all(isinstance(a, str) and is_hex_address(a) for a in addresses):
+            raise InvalidCommitment("payer, payee or token is not an address")
+        try:  # decimal strings (the spec's grammar); uint256, and validUntil in 64 bits
+            amount = parse_atomic(data.get("amount"))
+            valid_until = parse_atomic(data.get("validUntil"), "validUntil", 1, 2**64 - 1)
+        except InvalidChallenge as e:
+            raise InvalidCommitment(e.reason) from None
+        resource, nonce = _bytes32(data.get("resource")), _bytes32(data.get("nonce"))
         payer, payee, token = (to_checksum_address(a) for a in addresses)
         return cls(chain_id, payer, payee, token, amount, resource, nonce, valid_until)
 
@@ -152,10 +152,13 @@ class Commitment:
             raise InvalidCommitment("signature cannot be recovered") from None
 
 
+_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
 def _bytes32(value: Any) -> str:
-    if not (isinstance(value, str) and value.startswith("0x") and len(value) == 66):
-        raise ValueError("not bytes32")
-    bytes.fromhex(value[2:])
+    # fullmatch: bytes.fromhex would skip spaces, "$" would allow a final newline
+    if not (isinstance(value, str) and _BYTES32.fullmatch(value)):
+        raise InvalidCommitment("resource or nonce is not 32 bytes of hex")
     return value.lower()
 
 

@@ -12,7 +12,7 @@ from eth_abi import decode as abi_decode
 from eth_utils import is_hex_address, to_checksum_address
 
 from scrapy_x402._networks import evm_chain_id
-from scrapy_x402._protocol import Offer
+from scrapy_x402._protocol import InvalidChallenge, Offer, parse_atomic
 from scrapy_x402.ledger import Status
 from scrapy_x402.schemes._base import (
     Confirmation,
@@ -96,17 +96,19 @@ class UptoScheme(Permit2Spending, X402Scheme):
         transaction = settled_transaction(receipt)
         if transaction is None:
             return None
-        reported = str((receipt or {}).get("amount", ""))
-        if not reported.isdigit() or int(reported) > signed_amount:
+        reported = (receipt or {}).get("amount")
+        try:
+            amount = parse_atomic(reported, "upto receipt amount", 0, signed_amount)
+        except InvalidChallenge:
             # The chain cannot have moved more than was signed; without a usable amount the
             # whole maximum stays counted.
             logger.warning(
                 "x402: upto receipt for %s reports amount %r; counting the maximum",
                 payment_id,
-                reported[:40],
+                str(reported)[:40],
             )
             return Confirmation(Status.SETTLED, transaction)
-        return Confirmation(Status.SETTLED, transaction, int(reported))
+        return Confirmation(Status.SETTLED, transaction, amount)
 
     def collected(self, w3: Any, asset: str, payload: Mapping[str, Any]) -> bool:
         return permit2_collected(w3, payload)

@@ -5,6 +5,7 @@ python -m tests.mockserver.hostile config.json     # prints its URL, then serves
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from typing import Any
@@ -20,6 +21,8 @@ from scrapy_x402.paywall._resource import request_url
 
 PRICE = 1_000
 USDC_BASE = "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+# A date no datetime holds: parsedate_to_datetime raises OverflowError.
+BEYOND_DATETIME = b"Mon, 01 Jan 99999999999 00:00:00 GMT"
 
 
 class Hostile(Resource):
@@ -57,6 +60,16 @@ class Hostile(Resource):
         if case == "binary":  # neither UTF-8 nor JSON
             request.setResponseCode(402)
             return b"\xff\xfe\x00\x81 payment \xc3\x28 required"
+        if case == "cf-date":  # Cloudflare's header form; charges, with a date past year 9999
+            if request.getHeader("crawler-max-price") is None:
+                request.setResponseCode(402)
+                request.setHeader("crawler-price", "USD 0.01")
+                return b"402"
+            self.book.write(json.dumps({"case": case, "url": url}) + "\n")
+            self.book.flush()
+            request.setHeader("crawler-charged", "USD 0.01")
+            request.setHeader("Date", BEYOND_DATETIME)
+            return b"<html><head><title>paid</title></head><body>paid</body></html>"
         if payment is None:
             return self.required(request, self.advertised.payment_required(PRICE, url))
         # Paid: each case cheats differently.
@@ -73,6 +86,8 @@ class Hostile(Resource):
             return self.required(request, terms)
         if case == "forever":  # takes the commitment, answers 402 anyway
             return self.required(request, self.advertised.payment_required(PRICE, url))
+        if case.startswith("refusal-"):  # takes the commitment, answers 402 with odd terms
+            return self.odd_refusal(request, case, url)
         self.book.write(json.dumps({"id": commitment.id, "case": case}) + "\n")
         self.book.flush()
         receipt = verifier.receipt(commitment)
@@ -82,11 +97,26 @@ class Hostile(Resource):
                 payer=Account.create().address,
                 network="eip155:1",
             )
+        elif case == "receipt-amount":  # "²": str.isdigit() says yes, int() raises
+            receipt["amount"] = "\u00b2"
         request.setHeader("PAYMENT-RESPONSE", b64json_encode(receipt))
+        if case == "receipt-nested":  # 2000 levels of JSON arrays in 2.7 KB
+            request.setHeader("PAYMENT-RESPONSE", base64.b64encode(b"[" * 2000))
         if case == "drip":  # the paid page trickles in, a byte at a time
             self.drip(request, 40)
             return NOT_DONE_YET
         return b"<html><head><title>paid</title></head><body>paid</body></html>"
+
+    def odd_refusal(self, request: Request, case: str, url: str) -> bytes:
+        request.setResponseCode(402)
+        if case == "refusal-nested":  # a v1 body of 2000 nested arrays
+            return b"[" * 2000
+        terms = self.advertised.payment_required(PRICE, url)
+        if case == "refusal-amount":  # str.strip() drops "\x1c", int() refuses it
+            terms["accepts"][0]["amount"] = "5\x1c"
+        elif case == "refusal-version":  # a digit to str.isdigit(), not to int()
+            terms["x402Version"] = "\u00b2"
+        return self.required(request, terms)
 
     def required(self, request: Request, terms: dict[str, Any]) -> bytes:
         request.setResponseCode(402)
