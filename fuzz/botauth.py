@@ -1,7 +1,7 @@
 """Fuzz ``BotIdentity.sign_request`` (Web Bot Auth, RFC 9421) with the header values a
 request may carry, decoded as X402BotAuthMiddleware decodes them (latin-1), a method and a
-path. Expected: the added headers, or IdentityError (the module's own error); anything else,
-such as the signing library's exceptions, is a crash. The key is made at start, never shown."""
+path. Expected: the added headers, or Unsignable / IdentityError (the module's own errors);
+anything else, such as the signing library's exceptions, is a crash. The key is made at start, never shown."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from scrapy import Request
 from fuzz._common import run
 
 with atheris.instrument_imports(include=["scrapy_x402"]):
-    from scrapy_x402._webbotauth import BotIdentity, IdentityError
+    from scrapy_x402._webbotauth import BotIdentity, IdentityError, Unsignable
 
 IDENTITIES = [
     BotIdentity.generate(agent="https://crawler.example"),
@@ -47,7 +47,7 @@ def test_one_input(data: bytes) -> None:
         return
     try:
         added = identity.sign_request(method, url, headers)
-    except IdentityError:
+    except (IdentityError, Unsignable):
         return
     assert {"Signature", "Signature-Input"} <= set(added)
 

@@ -83,7 +83,8 @@ class Page(Resource):
     """A page; with ``fail_first`` it answers 500 to the first request for each path; with
     ``delay`` it answers that many seconds later; with ``hold`` when the test releases it;
     with ``template`` through twisted.web.template (which finishes inside render); with
-    ``answer`` that status (a 3xx to /free/moved) to every request."""
+    ``answer`` that status (a 3xx to /free/moved) to every request; with ``cut`` the status
+    line and half the page, then the connection closes (a paid response cut off)."""
 
     isLeaf = True
 
@@ -95,6 +96,7 @@ class Page(Resource):
         hold: str | None = None,
         template: bool = False,
         answer: int | None = None,
+        cut: bool = False,
     ):
         super().__init__()
         self.failed: set[str] | None = set() if fail_first else None
@@ -103,6 +105,7 @@ class Page(Resource):
         self.hold = hold
         self.template = template
         self.answer = answer
+        self.cut = cut
 
     def render_GET(self, request: Request) -> bytes | int:
         path = request.path.decode()
@@ -123,6 +126,11 @@ class Page(Resource):
             request.setResponseCode(500)
             return b"try again"
         body = f"<html><head><title>{path}</title></head><body>{path}</body></html>".encode()
+        if self.cut:
+            request.setHeader("Content-Length", str(len(body)))
+            request.write(body[: len(body) // 2])
+            request.channel.transport.loseConnection()
+            return NOT_DONE_YET
         if self.hold and HELD.holding:
             return HELD.hold(request, body, self.hold)
         if self.delay:
@@ -282,6 +290,7 @@ def build_site(config: dict[str, Any]) -> Site:
                 hold=section.get("hold"),
                 template=section.get("template", False),
                 answer=section.get("answer"),
+                cut=section.get("cut", False),
             ),
             DeferredVerifier(*args, nonces=nonces),
             price_of(name, section),
