@@ -11,13 +11,13 @@ which runs no reactor, asks with a plain HTTP client.
 
 from __future__ import annotations
 
-import json
 import logging
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from scrapy_x402._protocol import json_decode
 from scrapy_x402.ledger import InDoubt, Status
 from scrapy_x402.payments import PaymentBook
 from scrapy_x402.schemes import HELD_SCHEMES
@@ -44,7 +44,8 @@ def status_url(url: str, payment_id: str) -> str:
 def parse_status(body: bytes) -> bool | None:
     """The publisher's answer ``{"accepted": true|false, "inFlight": true|false}``; None while
     a request presenting the commitment is still being answered (it may yet be served)."""
-    answer = json.loads(body[:MAX_ANSWER])
+    # Bounded and depth-capped: InvalidChallenge is a ValueError, as callers expect.
+    answer = json_decode(body[:MAX_ANSWER], "the status endpoint's answer")
     if not isinstance(answer, dict) or not isinstance(answer.get("accepted"), bool):
         raise ValueError("the status endpoint did not answer {'accepted': true|false}")
     if not answer["accepted"] and answer.get("inFlight") is True:

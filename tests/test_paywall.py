@@ -233,3 +233,12 @@ def test_a_claim_that_waited_for_the_lock_checks_expiry_again(tmp_path):
         header, _ = pay(verifier, now=NOW - 57)  # valid until NOW + 3
         with pytest.raises(PaymentRejected, match="expired"):
             verifier.verify(header, 1000, URL)
+
+
+@pytest.mark.parametrize("version", [2.0, True, "2", None, 3])
+def test_a_payment_whose_x402_version_is_not_the_integer_1_or_2_is_invalid(verifier, version):
+    header, _ = pay(verifier)
+    decoded = b64json_decode(header)
+    decoded["x402Version"] = version
+    with pytest.raises(PaymentRejected, match="invalid_payload"):
+        verifier.verify(b64json_encode(decoded), 1000, URL)

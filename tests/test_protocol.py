@@ -341,3 +341,11 @@ def test_commitment_fields_follow_the_grammar(change):
     assert Commitment.from_json(84532, COMMITMENT).amount == 1000
     with pytest.raises(InvalidCommitment):
         Commitment.from_json(84532, {**COMMITMENT, **change})
+
+
+def test_a_status_answer_nested_too_deep_is_a_value_error_not_a_recursion_error():
+    """resolve_in_doubt keeps a payment in doubt on ValueError; anything else would stop it."""
+    from scrapy_x402._recovery import parse_status
+
+    with pytest.raises(ValueError, match="levels deep"):
+        parse_status(b"[" * 4096)

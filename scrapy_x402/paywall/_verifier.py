@@ -246,7 +246,10 @@ class DeferredVerifier:
             raise PaymentRejected("invalid_payload") from None
         if not isinstance(payment, dict) or not isinstance(payment.get("payload"), dict):
             raise PaymentRejected("invalid_payload")
-        accepted = payment.get("accepted") if payment.get("x402Version") == 2 else payment
+        version = payment.get("x402Version")
+        if type(version) is not int or version not in (1, 2):  # not 2.0, not true
+            raise PaymentRejected("invalid_payload")
+        accepted = payment.get("accepted") if version == 2 else payment
         if not isinstance(accepted, dict) or accepted.get("scheme") != self.scheme:
             raise PaymentRejected("unsupported_scheme")
         if normalize_network(str(accepted.get("network", ""))) != self.network:
