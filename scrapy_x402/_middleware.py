@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, DNSLookupError
 
 from scrapy_x402._payer import PAYMENT_HEADERS, Payer, is_paid, response_is_cached, terms_key
 from scrapy_x402._protocol import (
@@ -26,6 +27,7 @@ from scrapy_x402._protocol import (
     parse_crawler_price,
     parse_receipt,
 )
+from scrapy_x402.schemes import HELD_SCHEMES
 from scrapy_x402.schemes._cloudflare import count_crawler_error, retry_internal_error
 
 if TYPE_CHECKING:
@@ -34,6 +36,12 @@ if TYPE_CHECKING:
     from scrapy.http import Response
 
 logger = logging.getLogger(__name__)
+
+# Failures that prove a request never reached the publisher: the connection never opened.
+NEVER_SENT = (ConnectError, DNSLookupError)
+# A publisher's refusal of a payment some earlier attempt of ours presented (a retry after a
+# timeout): that attempt is being served, or was (docs/deferred-scheme.md section 6).
+MAYBE_SERVED = frozenset({"payment_in_flight", "nonce_reused"})
 
 
 class X402DownloaderMiddleware:
@@ -77,9 +85,16 @@ class X402DownloaderMiddleware:
         return await self._pay(request, response)
 
     async def process_exception(self, request: Request, exception: Exception) -> None:
-        # Reached only once RetryMiddleware gave up: the page was never served.
-        if is_paid(request) and not request.meta.get("_x402_internal"):
-            await self.payer.not_served(request, type(exception).__name__)
+        # Reached only once RetryMiddleware gave up. Unless the connection never opened, the
+        # publisher may have sent a 2xx status line (and so be owed) before the failure.
+        if not is_paid(request) or request.meta.get("_x402_internal"):
+            return
+        reason = type(exception).__name__
+        scheme = request.meta["x402_payment"]["scheme"]
+        if scheme in HELD_SCHEMES or isinstance(exception, NEVER_SENT):
+            await self.payer.not_served(request, reason)  # a signed transfer stays held
+        else:
+            self.payer.in_doubt(request, reason)
 
     # -- paying ----------------------------------------------------------------------
 
@@ -201,6 +216,9 @@ class X402DownloaderMiddleware:
             or _challenge_error(response)
             or "refused"
         )[:200]
+        if reason in MAYBE_SERVED and payment["scheme"] not in HELD_SCHEMES:
+            payer.in_doubt(request, reason)  # an earlier attempt of ours may have been served
+            return response
         network = payment["network"]
         counted_as = await payer.not_served(request, reason, refused=True)
         if _out_of_funds(reason) and network not in payer.stopped_networks:

@@ -428,6 +428,28 @@ class Payer(PerCrawler):
         payment.update(status=status or Status.RESERVED, reason=reason)
         return counted or "other"
 
+    def in_doubt(self, request: Request, reason: str) -> None:
+        """The publisher may have served the page though we did not get it (a response cut
+        off after its status line, a retry refused because the first attempt is in flight or
+        was served: docs/deferred-scheme.md section 6). The payment stays reserved, and
+        counted, until the publisher is asked (section 7); the request goes on without it and
+        is not paid again here."""
+        payment_id = request.meta["_x402_payment"]
+        self.strip(request, Status.RESERVED)
+        request.meta["x402_payment"]["reason"] = reason
+        self.inc("x402/payment_in_doubt/{}", stat_name(reason))
+        domain = urlparse_cached(request).hostname or ""
+        self.once(
+            logging.WARNING,
+            ("in_doubt", domain),
+            "x402: payment %s for %s is in doubt (%s): %s may have served the page; it stays "
+            "counted until it is asked (a resumed crawl, or scrapy x402 settle)",
+            payment_id,
+            request.url,
+            reason,
+            domain,
+        )
+
     async def unsent(self, request: Request, reason: str) -> None:
         """The payment never left (the cache answered): nothing can collect it."""
         payment_id = request.meta["_x402_payment"]

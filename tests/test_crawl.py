@@ -488,3 +488,41 @@ async def test_a_paid_request_is_never_conditional_whoever_made_it_so(
         served = {s["id"] for s in server.served()}
     assert len(items) == 3  # pages, not 304s
     assert served == {r[0] for r in ledger_rows(settings) if r[1] == Status.ACCEPTED}
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["no_retry", "retried"])
+@deferred_f_from_coro_f
+async def test_a_paid_page_cut_off_after_its_status_line_stays_in_doubt_until_asked(
+    tmp_path, x402_settings, token, payees, retry
+):
+    """A publisher is owed the page once its 2xx status line is sent, even if the
+    connection then drops (docs section 6). The crawler cannot know, so the payment stays
+    reserved and counted, is not paid again (a retry of the same payment gets `nonce_reused`),
+    and the publisher's status endpoint decides: here, owed."""
+    from scrapy_x402._recovery import resolve_in_doubt
+    from scrapy_x402.payments import PaymentBook
+
+    config = sections(token, payees, cut={"payee": payees[2], "price": 10_000, "cut": True})
+    settings = {**x402_settings, "RETRY_ENABLED": retry, "X402_SETTLE_ON_CLOSE": False}
+    with MockServer(config, tmp_path) as server:
+        crawler, items = await crawl(settings, [f"{server.url}/cut/1"])
+        stats = crawler.stats.get_stats()
+        assert items == []
+        assert stats["x402/payment_signed"] == 1  # one commitment, never a second for the page
+        assert "x402/payment_count" not in stats  # nothing confirmed
+        reason = "nonce_reused" if retry else "ResponseDataLossError"
+        assert stats[f"x402/payment_in_doubt/{reason}"] == 1
+        assert not any(
+            k.startswith(("x402/payment_failed", "x402/payment_rejected")) for k in stats
+        )
+        [(payment_id, status, *_)] = ledger_rows(settings)
+        assert status == Status.RESERVED  # in doubt: counted against the budget, not paid
+        assert [c["id"] for c in server.served()] == [payment_id]  # the publisher is owed it
+
+        ledger = open_ledger(settings["X402_LEDGER_URI"])
+        try:
+            resolution = resolve_in_doubt(PaymentBook(ledger))  # what `settle` does
+        finally:
+            ledger.close()
+    assert resolution.accepted == [payment_id]
+    assert [row[1] for row in ledger_rows(settings)] == [Status.ACCEPTED]
