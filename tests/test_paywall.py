@@ -242,3 +242,17 @@ def test_a_payment_whose_x402_version_is_not_the_integer_1_or_2_is_invalid(verif
     decoded["x402Version"] = version
     with pytest.raises(PaymentRejected, match="invalid_payload"):
         verifier.verify(b64json_encode(decoded), 1000, URL)
+
+
+def test_a_version_1_client_is_refused_only_where_version_2_requires_it(verifier):
+    """Spec version 2 kept the commitment (EIP-712 domain version "1"), its id and the header:
+    a version-1 client's commitment for the price verifies. Version 1 let a commitment exceed
+    the price; version 2 refuses that, and only that (its settlement by hash is reconciled when
+    it covers all that is owed: test_reconcile.py)."""
+    header, signed = pay(verifier)  # what a version-1 client sends for a 1000 offer
+    decoded = b64json_decode(header)
+    assert decoded["payload"]["commitment"]["amount"] == "1000"
+    assert verifier.verify(header, 1000, URL).id == signed.id
+    more, _ = pay(verifier, amount="1500")  # valid in version 1 (at least the price)
+    with pytest.raises(PaymentRejected, match="amount_mismatch"):
+        verifier.verify(more, 1000, URL)
