@@ -12,7 +12,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from scrapy.exceptions import NotConfigured
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    DownloadConnectionRefusedError,
+    NotConfigured,
+    UnsupportedURLSchemeError,
+)
 from scrapy.utils.httpobj import urlparse_cached
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -38,7 +43,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Failures that prove a request never reached the publisher: the connection never opened.
-NEVER_SENT = (ConnectError, DNSLookupError)
+NEVER_SENT = (
+    ConnectError,
+    DNSLookupError,
+    DownloadConnectionRefusedError,
+    CannotResolveHostError,
+    UnsupportedURLSchemeError,
+)
 # A publisher's refusal of a payment some earlier attempt of ours presented (a retry after a
 # timeout): that attempt is being served, or was (docs/deferred-scheme.md section 6).
 MAYBE_SERVED = frozenset({"payment_in_flight", "nonce_reused"})
@@ -91,7 +102,8 @@ class X402DownloaderMiddleware:
             return
         reason = type(exception).__name__
         scheme = request.meta["x402_payment"]["scheme"]
-        if scheme in HELD_SCHEMES or isinstance(exception, NEVER_SENT):
+        presented_before = request.meta.get("_x402_presented", 0) > 1  # a retried attempt
+        if scheme in HELD_SCHEMES or (isinstance(exception, NEVER_SENT) and not presented_before):
             await self.payer.not_served(request, reason)  # a signed transfer stays held
         else:
             self.payer.in_doubt(request, reason)
@@ -216,7 +228,11 @@ class X402DownloaderMiddleware:
             or _challenge_error(response)
             or "refused"
         )[:200]
-        if reason in MAYBE_SERVED and payment["scheme"] not in HELD_SCHEMES:
+        if (
+            reason in MAYBE_SERVED
+            and request.meta.get("_x402_presented", 0) > 1
+            and payment["scheme"] not in HELD_SCHEMES
+        ):
             payer.in_doubt(request, reason)  # an earlier attempt of ours may have been served
             return response
         network = payment["network"]
@@ -293,7 +309,7 @@ class X402SigningMiddleware:
             return
         if not self.session.doubt_resolved:
             await self.session.resolve_in_doubt()
-        self._keep_payment_home(request)
+        await self._keep_payment_home(request)
         if meta.get("x402_dont_pay"):
             return
         if is_paid(request):
@@ -303,9 +319,11 @@ class X402SigningMiddleware:
             await self.payer.preauthorize(request)
         if is_paid(request):
             _unconditional(request)
-            if "_x402_sent" not in meta:  # leaving for the first time: for this URL
-                meta["_x402_paid_url"] = request.url
+            meta.setdefault("_x402_paid_url", request.url)  # signed by an earlier version
             meta["_x402_sent"] = self.session.process_id  # from here on, it may be taken
+            # How many times it was presented: a refusal of a second presentation may be
+            # about the first one having been served (MAYBE_SERVED).
+            meta["_x402_presented"] = meta.get("_x402_presented", 0) + 1
 
     async def process_response(self, request: Request, response: Response) -> Response:
         meta = request.meta
@@ -331,17 +349,25 @@ class X402SigningMiddleware:
             meta["dont_redirect"] = True
         return response
 
-    def _keep_payment_home(self, request: Request) -> None:
+    async def _keep_payment_home(self, request: Request) -> None:
         """Payment headers copied onto a request for another URL (a redirect, a refresh, any
-        middleware's copy) or put there by no payment of ours are taken off: a payment header
-        never leaves for a URL it was not made for."""
+        middleware's copy or rewrite) or put there by no payment of ours are taken off: a
+        payment header never leaves for a URL it was not made for."""
         meta = request.meta
         if is_paid(request):
             made_for = meta.get("_x402_paid_url", request.url)
-            if "_x402_sent" not in meta or made_for == request.url:
+            if made_for == request.url:
                 return
             self.payer.inc("x402/payment_not_forwarded")
-            if meta["_x402_sent"] == self.session.process_id:
+            if "_x402_sent" not in meta:  # pointed elsewhere before it ever left: unused
+                logger.warning(
+                    "x402: payment %s for %s not sent to %s; released",
+                    meta["_x402_payment"],
+                    made_for,
+                    request.url,
+                )
+                await self.payer.unsent(request, "url changed before it was sent")
+            elif meta["_x402_sent"] == self.session.process_id:
                 # It left with the request for its URL, and the answer was followed before
                 # its outcome was recorded: in doubt (reserved, counted), said at close.
                 logger.warning(

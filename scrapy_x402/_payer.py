@@ -218,6 +218,9 @@ class Payer(PerCrawler):
             # Cloudflare: only InternalError may be retried; this middleware does it.
             request.meta["dont_retry"] = True
         request.meta.pop("_x402_sent", None)  # a new payment: not sent yet
+        request.meta.pop("_x402_presented", None)
+        # The URL it pays for: its header never leaves with a request for another one.
+        request.meta["_x402_paid_url"] = request.url
         request.meta.update(_x402_payment=signed.id, _x402_signed_in=session.process_id)
         if scheme.charge_on_chain:  # to read what it cost from the chain later
             request.meta["_x402_payload"] = signed.payload
@@ -256,7 +259,13 @@ class Payer(PerCrawler):
 
     def strip(self, request: Request, status: str) -> None:
         """Take the payment off ``request``, which goes on unpaid (a 402 then ends it)."""
-        for key in ("_x402_payment", "_x402_signed_in", "_x402_sent", "_x402_paid_url"):
+        for key in (
+            "_x402_payment",
+            "_x402_signed_in",
+            "_x402_sent",
+            "_x402_paid_url",
+            "_x402_presented",
+        ):
             request.meta.pop(key, None)
         if "x402_payment" in request.meta:
             request.meta["x402_payment"] = {**request.meta["x402_payment"], "status": status}

@@ -11,7 +11,9 @@ which runs no reactor, asks with a plain HTTP client.
 
 from __future__ import annotations
 
+import http.client
 import logging
+import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 STATUS_PATH = "/.well-known/x402-deferred/"
 MAX_ANSWER = 4096
+# A publisher forgets a commitment's in-flight record this long after it expired (docs
+# section 5): an "in flight" answer later than that is not believed.
+IN_FLIGHT_LIMIT = 600
 
 
 @dataclass
@@ -57,6 +62,14 @@ def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool |
     """Ask the publisher of ``url`` whether it accepted ``payment_id`` (blocking: commands only)."""
     with urllib.request.urlopen(status_url(url, payment_id), timeout=timeout) as response:  # noqa: S310 (http(s) only)
         return parse_status(response.read(MAX_ANSWER + 1))
+
+
+def final(row: InDoubt, answer: bool | None, now: float) -> bool | None:
+    """The publisher's answer, with "still in flight" read as "not served" once no honest
+    publisher could still say so (else a hostile one would hold the budget for ever)."""
+    if answer is None and row.valid_until is not None and now > row.valid_until + IN_FLIGHT_LIMIT:
+        return False
+    return answer
 
 
 def needs_asking(row: InDoubt) -> bool:
@@ -93,8 +106,8 @@ def resolve_in_doubt(
         accepted = None
         if needs_asking(row):
             try:
-                accepted = publisher_accepted(row.url, row.id)
-            except (OSError, ValueError) as e:
+                accepted = final(row, publisher_accepted(row.url, row.id), time.time())
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 _cannot_ask(row, e)
         record(book, row, accepted, resolution)
     return resolution
@@ -109,7 +122,7 @@ async def ask_all(
         answers[row.id] = None
         if needs_asking(row):
             try:
-                answers[row.id] = await ask(row.url, row.id)
+                answers[row.id] = final(row, await ask(row.url, row.id), time.time())
             except Exception as e:
                 _cannot_ask(row, e)
     return answers

@@ -236,3 +236,38 @@ async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_p
     ledger = open_ledger(settings["X402_LEDGER_URI"])
     assert ledger.get_status(payment_id) == Status.RESERVED
     ledger.close()
+
+
+@deferred_f_from_coro_f
+async def test_a_paid_request_pointed_elsewhere_before_it_leaves_goes_without_its_payment(
+    tmp_path, monkeypatch
+):
+    """A middleware that rewrites URLs (a mirror, a rendering service) between the 402 cycle
+    (545) and the request's departure (950): the payment was made for the first URL, so it
+    never leaves with the rewritten request, and, never sent, it is released."""
+    from eth_account import Account
+    from scrapy.utils.misc import build_from_crawler
+
+    from scrapy_x402 import X402DownloaderMiddleware, X402SigningMiddleware
+    from scrapy_x402._payer import is_paid
+    from tests.test_middleware import PAYING, offer, response402
+
+    monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())
+    settings = {
+        **PAYING,
+        "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
+        "X402_BUDGETS": {"news.example": "1"},
+    }
+    crawler = get_crawler(settings_dict=settings)
+    paying = build_from_crawler(X402DownloaderMiddleware, crawler)
+    leaving = build_from_crawler(X402SigningMiddleware, crawler)
+    answer = response402(offer())
+    paid = await paying.process_response(answer.request, answer)
+    payment_id = paid.meta["_x402_payment"]
+    mirrored = paid.replace(url="https://mirror.example/news/1")
+    await leaving.process_request(mirrored)
+    assert not is_paid(mirrored) and b"PAYMENT-SIGNATURE" not in mirrored.headers
+    assert crawler.stats.get_value("x402/payment_not_forwarded") == 1
+    ledger = open_ledger(settings["X402_LEDGER_URI"])
+    assert ledger.get_status(payment_id) == Status.FAILED  # never sent: nothing to collect
+    ledger.close()

@@ -526,3 +526,64 @@ async def test_a_paid_page_cut_off_after_its_status_line_stays_in_doubt_until_as
             ledger.close()
     assert resolution.accepted == [payment_id]
     assert [row[1] for row in ledger_rows(settings)] == [Status.ACCEPTED]
+
+
+@deferred_f_from_coro_f
+async def test_a_first_presentation_refused_as_already_served_is_refused_not_in_doubt(
+    tmp_path, x402_settings, token, payees
+):
+    """`nonce_reused` or `payment_in_flight` mean "an earlier attempt of yours" only for a
+    payment presented before; said to a first presentation it is a plain refusal, or a
+    publisher could lock a budget without serving anything."""
+    config = sections(
+        token, payees, evil={"payee": payees[2], "price": 10_000, "refuse": "nonce_reused"}
+    )
+    settings = {
+        **x402_settings,
+        "X402_BUDGETS": {"127.0.0.1": "0.03"},  # three pages
+        "X402_SETTLE_ON_CLOSE": False,
+        "X402_PREAUTHORIZE": False,
+        "RETRY_ENABLED": False,
+        "CONCURRENT_REQUESTS": 1,
+    }
+    with MockServer(config, tmp_path) as server:
+        urls = [f"{server.url}/evil/{i}" for i in range(3)]
+        urls += [f"{server.url}/news/{i}" for i in range(3)]
+        crawler, items = await crawl(settings, urls)
+    stats = crawler.stats.get_stats()
+    assert stats["x402/payment_rejected/nonce_reused"] == 3
+    assert not any(k.startswith("x402/payment_in_doubt") for k in stats)
+    assert sorted(i["url"].rsplit("/", 2)[1] for i in items) == ["news"] * 3  # budget intact
+
+
+class FailConnectingOnRetry:
+    """Stands in for the network: a retry of a /cut/ page cannot connect (its SYNs dropped)."""
+
+    def process_request(self, request: Any) -> None:
+        from twisted.internet.error import TCPTimedOutError
+
+        if request.meta.get("retry_times", 0) >= 1 and "/cut/" in request.url:
+            raise TCPTimedOutError(110, "Connection timed out")
+
+
+@deferred_f_from_coro_f
+async def test_a_payment_is_in_doubt_if_any_attempt_may_have_been_served(
+    tmp_path, x402_settings, token, payees
+):
+    """The first attempt got a 200 status line and was cut off; the retry never connected.
+    The last failure alone says "never sent", but the first attempt may be owed."""
+    config = sections(token, payees, cut={"payee": payees[2], "price": 10_000, "cut": True})
+    settings = {
+        **x402_settings,
+        "X402_SETTLE_ON_CLOSE": False,
+        "RETRY_TIMES": 1,
+        "DOWNLOADER_MIDDLEWARES": {f"{__name__}.FailConnectingOnRetry": 999},
+    }
+    with MockServer(config, tmp_path) as server:
+        crawler, _ = await crawl(settings, [f"{server.url}/cut/1"])
+        served = server.served()
+    stats = crawler.stats.get_stats()
+    assert stats["x402/payment_in_doubt/TCPTimedOutError"] == 1
+    [(payment_id, status, *_)] = ledger_rows(settings)
+    assert status == Status.RESERVED
+    assert [c["id"] for c in served] == [payment_id]

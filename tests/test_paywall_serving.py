@@ -283,3 +283,78 @@ def test_the_status_endpoint_says_in_flight_while_the_page_is_being_answered(tmp
         answer = get(status_url, {}).body
         assert json.loads(answer) == {"id": commitment_id, "accepted": True, "inFlight": False}
         assert parse_status(answer) is True
+
+
+def twisted_request(path: bytes, headers: dict[bytes, bytes]) -> Any:
+    """A twisted.web Request on a channel that only records what is written."""
+    from twisted.web.server import Request
+    from twisted.web.test.requesthelper import DummyChannel
+
+    request = Request(DummyChannel(), False)
+    request.method, request.uri, request.path, request.clientproto = b"GET", path, path, b"HTTP/1.1"
+    for name, value in headers.items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    request.prepath, request.postpath = [], path.strip(b"/").split(b"/")
+    return request
+
+
+def test_the_status_endpoint_never_says_not_served_while_a_2xx_goes_out(tmp_path):
+    """Between "the 2xx status line is going out" and "the book has it" the status endpoint
+    must say in flight, never a final "not accepted" (a crawler asking then would release a
+    page it owes). Observed from inside the book's write, as a concurrent asker would see it."""
+    from twisted.web.resource import Resource
+
+    from scrapy_x402.paywall import (
+        CommitmentBook,
+        CommitmentStatusResource,
+        MemoryNonceStore,
+        PaywallResource,
+    )
+
+    class Page(Resource):
+        isLeaf = True
+
+        def render_GET(self, request: Any) -> bytes:
+            return b"<html>page</html>"
+
+    seen: list[dict[str, Any]] = []
+
+    class Book(CommitmentBook):
+        def record(self, commitment: Any, url: str) -> None:
+            asked = twisted_request(b"/" + commitment.id.encode(), {})
+            seen.append(json.loads(status.render_GET(asked)))
+            super().record(commitment, url)
+
+    payee = Account.create().address
+    nonces = MemoryNonceStore()
+    book = Book(str(tmp_path / "book.sqlite3"))
+    status = CommitmentStatusResource(book, [nonces])
+    verifier = DeferredVerifier("eip155:31337", TOKEN, payee, nonces=nonces)
+    paywall = PaywallResource(Page(), verifier, PRICE, book=book)
+    header, commitment_id = commitment_for("http://news.example/news/1", payee)
+    request = twisted_request(
+        b"/news/1", {b"host": b"news.example", b"payment-signature": header.encode()}
+    )
+    body = paywall.render(request)  # before looking up request.write, which the sale wraps
+    request.write(body)
+    request.finish()
+    assert request.code == 200
+    assert seen == [{"id": commitment_id, "accepted": False, "inFlight": True}]
+    assert book.accepted(commitment_id)
+
+
+def test_a_host_header_that_names_another_path_is_refused(tmp_path):
+    """`Host: site/elsewhere` would make the commitment for /elsewhere/news/1 buy /news/1, and
+    the book record a page that was not served."""
+    payee = Account.create().address
+    with MockServer(config(payee), tmp_path) as server:
+        host = urlsplit(server.url).netloc
+        header, _ = commitment_for(f"http://{host}/elsewhere/news/1", payee)
+        answer = raw_exchange(
+            server,
+            f"GET /news/1 HTTP/1.0\r\nHost: {host}/elsewhere\r\n"
+            f"PAYMENT-SIGNATURE: {header}\r\n\r\n".encode(),
+            until=b"\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.0 402 "), answer[:200]
+        assert server.served() == []

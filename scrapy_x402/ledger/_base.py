@@ -92,6 +92,7 @@ class InDoubt:
     url: str
     budget_key: str
     usd: Decimal
+    valid_until: int | None = None
 
 
 @dataclass(frozen=True)
@@ -373,14 +374,15 @@ class Ledger(ABC):
         self, run_id: str | None = None, expired_before: int | None = None
     ) -> list[InDoubt]:
         """Reserved payments (of one run, or all; only those expired before a time)."""
-        sql = "SELECT id, scheme, url, budget_key, usd FROM x402_payments WHERE status = ?"
+        sql = "SELECT id, scheme, url, budget_key, usd, valid_until FROM x402_payments "
+        sql += "WHERE status = ?"
         params: list[Any] = [Status.RESERVED]
         if run_id is not None:
             sql, params = sql + " AND run_id = ?", [*params, run_id]
         if expired_before is not None:
             sql, params = sql + " AND valid_until < ?", [*params, expired_before]
         return [
-            InDoubt(r[0], r[1], r[2], r[3], Decimal(r[4]))
+            InDoubt(r[0], r[1], r[2], r[3], Decimal(r[4]), r[5])
             for r in self.query(sql + " ORDER BY id", params)
         ]
 

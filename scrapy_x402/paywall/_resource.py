@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ class PaywallResource(Resource):
             url = request_url(request)
             header = request.getHeader(name.encode())
             payment = None if header is None else header.decode("ascii")
-        except UnicodeDecodeError:  # headers are ASCII; these bytes can pay for nothing
+        except ValueError:  # not ASCII, or a Host that is no host: these can pay for nothing
             return self._payment_required(
                 request, amount, request_url(request, "replace"), "invalid_payload"
             )
@@ -150,9 +151,11 @@ class _Sale:
         paywall, commitment = self.paywall, self.commitment
         receipt = paywall.verifier.receipt(commitment)
         self.request.setHeader(paywall.receipt_header, b64json_encode(receipt))
-        paywall.verifier.served(commitment)
+        # The book first: while the nonce still says in flight, the status endpoint never
+        # answers "not served" for a commitment whose 2xx is going out.
         if paywall.book is not None:
             paywall.book.record(commitment, self.url)
+        paywall.verifier.served(commitment)
         if paywall.on_served is not None:
             try:
                 paywall.on_served(commitment, self.request)
@@ -171,7 +174,14 @@ class _Sale:
 
 def request_url(request: Request, errors: str = "strict") -> str:
     """The absolute URL the client asked for, as it asked for it (Host header, path, query).
-    A Host header that is not ASCII raises UnicodeDecodeError (with ``errors="strict"``)."""
+    With ``errors="strict"``, a Host header that is not ASCII or not a host[:port] (a "/" in
+    it would name another page) raises ValueError."""
     scheme = "https" if request.isSecure() else "http"
     host = (request.getHeader(b"host") or b"").strip().decode("ascii", errors)
+    if errors == "strict" and not _HOST.fullmatch(host):
+        raise ValueError("the Host header is not a host")
     return f"{scheme}://{host}{request.uri.decode('latin-1')}"
+
+
+# A reg-name, IPv4 or [IPv6] host and an optional port (RFC 3986 authority, without userinfo).
+_HOST = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=%-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
