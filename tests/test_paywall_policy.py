@@ -33,6 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockServer]:
             "members": section(payers=[ALLOWED.address.lower()]),
             "credit": section(credit_limit=2 * PRICE + PRICE // 2),
             "overdue": section(max_debt_age=600),
+            "held": {**section(credit_limit=PRICE), "hold": "response"},
             "bots": section(
                 bot_keys=[BOT.public_jwk()], identities={BOT.keyid: [BOT_PAYER.address]}
             ),
@@ -115,3 +116,20 @@ def test_a_payer_bound_to_a_web_bot_auth_identity_pays_only_with_it(server):
     served = get(url, signed)  # the commitment refused above: not used up
     assert served.status == 200
     assert commitment_id in {c["id"] for c in server.served()}
+
+
+def test_commitments_in_flight_count_against_the_credit_limit(server):
+    """A fresh key sending many requests at once: the ones in flight are credit too (found by
+    review: 30 concurrent requests of a throwaway key were all served on a one-page limit)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_crash import wait_for
+
+    payer = Account.create()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(buy, server, "/held/1", payer)
+        wait_for(lambda: server.pending() == 1, timeout=20)
+        others = [buy(server, f"/held/{i}", payer)[0] for i in range(2, 5)]
+        assert [(a.status, a.reason) for a in others] == [(402, "credit_limit_exceeded")] * 3
+        server.release(200, stop=True)
+        assert first.result()[0].status == 200

@@ -6,6 +6,7 @@ from collections.abc import Callable, Collection, Mapping
 from twisted.web.server import Request
 
 from scrapy_x402.paywall._book import CommitmentBook
+from scrapy_x402.paywall._verifier import NonceStore
 from scrapy_x402.schemes.deferred import Commitment
 
 
@@ -25,8 +26,10 @@ class PayerPolicy:
       its token past this many atomic units (``credit_limit_exceeded``).
 
     Debts are read from ``book``: commitments served and not yet marked paid by
-    reconciliation. Commitments still in flight are not counted yet, so a payer may exceed
-    ``credit_limit`` by as many pages as it has requests in flight at once.
+    reconciliation. With ``nonces`` (the verifiers' nonce store), the payer's commitments
+    still in flight count too, each at the price of the one being decided, so concurrent
+    requests cannot pass the limit together (within one process; processes sharing a
+    SQLiteNonceStore may each let one through at the same instant).
     """
 
     def __init__(
@@ -38,6 +41,7 @@ class PayerPolicy:
         max_debt_age: float | None = None,
         identity: Callable[[Request], str | None] | None = None,
         identities: Mapping[str, Collection[str]] | None = None,
+        nonces: NonceStore | None = None,
         clock: Callable[[], float] = time.time,
     ):
         if book is None and (credit_limit is not None or max_debt_age is not None):
@@ -50,6 +54,7 @@ class PayerPolicy:
         self.max_debt_age = max_debt_age
         self.identity = identity
         self.identities = {k: {p.lower() for p in v} for k, v in (identities or {}).items()}
+        self.nonces = nonces
         self._clock = clock
 
     def __call__(self, commitment: Commitment, request: Request) -> str | None:
@@ -71,6 +76,8 @@ class PayerPolicy:
             and debt.since < self._clock() - self.max_debt_age
         ):
             return "overdue_debt"
-        if self.credit_limit is not None and debt.total + commitment.amount > self.credit_limit:
-            return "credit_limit_exceeded"
+        if self.credit_limit is not None:
+            in_flight = self.nonces.in_flight_count(payer) if self.nonces is not None else 0
+            if debt.total + (in_flight + 1) * commitment.amount > self.credit_limit:
+                return "credit_limit_exceeded"
         return None

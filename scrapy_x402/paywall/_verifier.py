@@ -53,6 +53,10 @@ class NonceStore(Protocol):
         """Whether a request presenting the commitment is being answered now (so whether it
         will be owed is not known yet: docs section 7)."""
 
+    def in_flight_count(self, payer: str) -> int:
+        """How many of the payer's commitments are being answered now (credit not yet
+        counted as owed: PayerPolicy)."""
+
 
 class MemoryNonceStore:
     """Nonces of one process. Expired commitments are rejected anyway, so their nonces are
@@ -90,6 +94,10 @@ class MemoryNonceStore:
     def in_flight(self, commitment_id: str) -> bool:
         # A scan: only clients recovering from a crash ask.
         return any(v[0] == commitment_id and v[2] == IN_FLIGHT for v in self._seen.values())
+
+    def in_flight_count(self, payer: str) -> int:
+        payer = payer.lower()
+        return sum(1 for (p, _), v in self._seen.items() if p == payer and v[2] == IN_FLIGHT)
 
     def _set(self, payer: str, nonce: str, state: int) -> None:
         entry = self._seen.get((payer.lower(), nonce.lower()))
@@ -142,6 +150,13 @@ class SQLiteNonceStore:
 
     def release(self, payer: str, nonce: str) -> None:
         self._set(payer, nonce, RELEASED)
+
+    def in_flight_count(self, payer: str) -> int:
+        (count,) = self._conn.execute(  # the primary key's (payer, ...) prefix
+            "SELECT COUNT(*) FROM x402_nonces WHERE payer = ? AND served = ?",
+            (payer.lower(), IN_FLIGHT),
+        ).fetchone()
+        return int(count)
 
     def in_flight(self, commitment_id: str) -> bool:
         row = self._conn.execute(

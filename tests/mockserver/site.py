@@ -215,7 +215,7 @@ def bot_identity(keys: list[dict[str, str]]):
     return identity
 
 
-def policy_of(section: dict[str, Any], book: CommitmentBook):
+def policy_of(section: dict[str, Any], book: CommitmentBook, nonces: Any):
     """``refuse``: refuse every verified payment with that reason; ``policy``: PayerPolicy's
     arguments (``bot_keys``: the public JWKs whose signatures identify a request)."""
     if section.get("refuse"):
@@ -225,7 +225,7 @@ def policy_of(section: dict[str, Any], book: CommitmentBook):
         return None
     if "bot_keys" in options:
         options["identity"] = bot_identity(options.pop("bot_keys"))
-    return PayerPolicy(book, **options)
+    return PayerPolicy(book, nonces=nonces, **options)
 
 
 def build_site(config: dict[str, Any]) -> Site:
@@ -295,7 +295,7 @@ def build_site(config: dict[str, Any]) -> Site:
             DeferredVerifier(*args, nonces=nonces),
             price_of(name, section),
             x402_version=section.get("version", 2),
-            policy=policy_of(section, commitments),
+            policy=policy_of(section, commitments, nonces),
             on_served=counting(name, record(name)),
             book=commitments,
         )
