@@ -198,17 +198,13 @@ async def test_a_request_that_cannot_be_signed(tmp_path, identity, settings, cap
     assert "Traceback" not in caplog.text
 
 
-@deferred_f_from_coro_f
-async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_path, monkeypatch):
-    """Whatever copies a paid request to another URL (here, as a middleware between the two
-    halves might): the payment header does not leave with it, and the book keeps the payment
-    reserved, in doubt, since what its own URL answered was never seen. A retry of the same
-    URL keeps it."""
+async def paid_after_a_402(tmp_path: Path, monkeypatch: Any) -> tuple[Any, Any, Any]:
+    """The crawler, its signing middleware (950) and a request paid by the 402 cycle (545)
+    that has not left yet."""
     from eth_account import Account
     from scrapy.utils.misc import build_from_crawler
 
     from scrapy_x402 import X402DownloaderMiddleware, X402SigningMiddleware
-    from scrapy_x402._payer import is_paid
     from tests.test_middleware import PAYING, offer, response402
 
     monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())
@@ -221,7 +217,26 @@ async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_p
     paying = build_from_crawler(X402DownloaderMiddleware, crawler)
     leaving = build_from_crawler(X402SigningMiddleware, crawler)
     answer = response402(offer())
-    paid = await paying.process_response(answer.request, answer)
+    return crawler, leaving, await paying.process_response(answer.request, answer)
+
+
+def status_of(crawler: Any, payment_id: str) -> str | None:
+    ledger = open_ledger(crawler.settings["X402_LEDGER_URI"])
+    try:
+        return ledger.get_status(payment_id)
+    finally:
+        ledger.close()
+
+
+@deferred_f_from_coro_f
+async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_path, monkeypatch):
+    """Whatever copies a paid request to another URL (here, as a middleware between the two
+    halves might): the payment header does not leave with it, and the book keeps the payment
+    reserved, in doubt, since what its own URL answered was never seen. A retry of the same
+    URL keeps it."""
+    from scrapy_x402._payer import is_paid
+
+    crawler, leaving, paid = await paid_after_a_402(tmp_path, monkeypatch)
     await leaving.process_request(paid)  # it leaves, for its URL
     payment_id = paid.meta["_x402_payment"]
 
@@ -233,9 +248,7 @@ async def test_a_payment_copied_onto_a_request_for_another_url_is_not_sent(tmp_p
     await leaving.process_request(moved)
     assert not is_paid(moved) and b"PAYMENT-SIGNATURE" not in moved.headers
     assert crawler.stats.get_value("x402/payment_not_forwarded") == 1
-    ledger = open_ledger(settings["X402_LEDGER_URI"])
-    assert ledger.get_status(payment_id) == Status.RESERVED
-    ledger.close()
+    assert status_of(crawler, payment_id) == Status.RESERVED
 
 
 @deferred_f_from_coro_f
@@ -245,29 +258,12 @@ async def test_a_paid_request_pointed_elsewhere_before_it_leaves_goes_without_it
     """A middleware that rewrites URLs (a mirror, a rendering service) between the 402 cycle
     (545) and the request's departure (950): the payment was made for the first URL, so it
     never leaves with the rewritten request, and, never sent, it is released."""
-    from eth_account import Account
-    from scrapy.utils.misc import build_from_crawler
-
-    from scrapy_x402 import X402DownloaderMiddleware, X402SigningMiddleware
     from scrapy_x402._payer import is_paid
-    from tests.test_middleware import PAYING, offer, response402
 
-    monkeypatch.setenv("X402_PRIVATE_KEY", Account.create().key.hex())
-    settings = {
-        **PAYING,
-        "X402_LEDGER_URI": str(tmp_path / "l.sqlite3"),
-        "X402_BUDGETS": {"news.example": "1"},
-    }
-    crawler = get_crawler(settings_dict=settings)
-    paying = build_from_crawler(X402DownloaderMiddleware, crawler)
-    leaving = build_from_crawler(X402SigningMiddleware, crawler)
-    answer = response402(offer())
-    paid = await paying.process_response(answer.request, answer)
+    crawler, leaving, paid = await paid_after_a_402(tmp_path, monkeypatch)
     payment_id = paid.meta["_x402_payment"]
     mirrored = paid.replace(url="https://mirror.example/news/1")
     await leaving.process_request(mirrored)
     assert not is_paid(mirrored) and b"PAYMENT-SIGNATURE" not in mirrored.headers
     assert crawler.stats.get_value("x402/payment_not_forwarded") == 1
-    ledger = open_ledger(settings["X402_LEDGER_URI"])
-    assert ledger.get_status(payment_id) == Status.FAILED  # never sent: nothing to collect
-    ledger.close()
+    assert status_of(crawler, payment_id) == Status.FAILED  # never sent: nothing to collect
