@@ -50,9 +50,6 @@ NEVER_SENT = (
     CannotResolveHostError,
     UnsupportedURLSchemeError,
 )
-# A publisher's refusal of a payment some earlier attempt of ours presented (a retry after a
-# timeout): that attempt is being served, or was (docs/deferred-scheme.md section 6).
-MAYBE_SERVED = frozenset({"payment_in_flight", "nonce_reused"})
 
 
 class X402DownloaderMiddleware:
@@ -228,12 +225,11 @@ class X402DownloaderMiddleware:
             or _challenge_error(response)
             or "refused"
         )[:200]
-        if (
-            reason in MAYBE_SERVED
-            and request.meta.get("_x402_presented", 0) > 1
-            and payment["scheme"] not in HELD_SCHEMES
-        ):
-            payer.in_doubt(request, reason)  # an earlier attempt of ours may have been served
+        if request.meta.get("_x402_presented", 0) > 1 and payment["scheme"] not in HELD_SCHEMES:
+            # Presented before: whatever the reason (nonce_reused, payment_in_flight, or a
+            # check the earlier attempt's own debt now fails: credit, expiry), that attempt
+            # may have been served. Never another signature for the page meanwhile.
+            payer.in_doubt(request, reason)
             return response
         network = payment["network"]
         counted_as = await payer.not_served(request, reason, refused=True)
@@ -322,7 +318,7 @@ class X402SigningMiddleware:
             meta.setdefault("_x402_paid_url", request.url)  # signed by an earlier version
             meta["_x402_sent"] = self.session.process_id  # from here on, it may be taken
             # How many times it was presented: a refusal of a second presentation may be
-            # about the first one having been served (MAYBE_SERVED).
+            # about the first one having been served.
             meta["_x402_presented"] = meta.get("_x402_presented", 0) + 1
 
     async def process_response(self, request: Request, response: Response) -> Response:

@@ -326,6 +326,9 @@ class Payer(PerCrawler):
             ok = False
         if ok:
             request.meta["_x402_signed_in"] = self.session.process_id
+            # The earlier process may have presented it already (a kill loses which queued
+            # requests left): a refusal of this presentation may be about that one.
+            request.meta["_x402_presented"] = max(1, request.meta.get("_x402_presented", 0))
             return
         self.inc("x402/resumed_payment_dropped")
         logger.warning(

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import http.client
 import logging
+import threading
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from scrapy_x402._protocol import json_decode
@@ -31,6 +33,7 @@ MAX_ANSWER = 4096
 # A publisher forgets a commitment's in-flight record this long after it expired (docs
 # section 5): an "in flight" answer later than that is not believed.
 IN_FLIGHT_LIMIT = 600
+STATUS_DEADLINE = 30  # seconds for a whole status answer
 
 
 @dataclass
@@ -59,9 +62,26 @@ def parse_status(body: bytes) -> bool | None:
 
 
 def publisher_accepted(url: str, payment_id: str, timeout: float = 10) -> bool | None:
-    """Ask the publisher of ``url`` whether it accepted ``payment_id`` (blocking: commands only)."""
-    with urllib.request.urlopen(status_url(url, payment_id), timeout=timeout) as response:  # noqa: S310 (http(s) only)
-        return parse_status(response.read(MAX_ANSWER + 1))
+    """Ask the publisher of ``url`` whether it accepted ``payment_id`` (blocking: commands
+    only), within STATUS_DEADLINE whatever the publisher does: urllib's timeout is per read,
+    and a publisher dripping its answer would otherwise hold every other payee's settlement."""
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            with urllib.request.urlopen(status_url(url, payment_id), timeout=timeout) as answer:  # noqa: S310 (http(s) only)
+                outcome["accepted"] = parse_status(answer.read(MAX_ANSWER + 1))
+        except Exception as e:
+            outcome["error"] = e
+
+    asking = threading.Thread(target=ask, name="x402-status", daemon=True)
+    asking.start()
+    asking.join(STATUS_DEADLINE)
+    if asking.is_alive():  # left to finish on its own: it decides nothing any more
+        raise TimeoutError(f"no answer within {STATUS_DEADLINE} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["accepted"]
 
 
 def final(row: InDoubt, answer: bool | None, now: float) -> bool | None:

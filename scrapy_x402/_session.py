@@ -26,7 +26,14 @@ from scrapy_x402._budget import Budgets
 from scrapy_x402._chain import ChainReader
 from scrapy_x402._config import X402Config
 from scrapy_x402._ledger_thread import LedgerThread
-from scrapy_x402._recovery import Resolution, ask_all, parse_status, record, status_url
+from scrapy_x402._recovery import (
+    STATUS_DEADLINE,
+    Resolution,
+    ask_all,
+    parse_status,
+    record,
+    status_url,
+)
 from scrapy_x402._redact import redact
 from scrapy_x402._version import __version__
 from scrapy_x402._wallet import load_account
@@ -186,7 +193,14 @@ class X402Session(PerCrawler):
         request = Request(
             status_url(url, payment_id),
             callback=NO_CALLBACK,
-            meta={"x402_dont_pay": True, "dont_cache": True, "_x402_internal": True},
+            meta={
+                "x402_dont_pay": True,
+                "dont_cache": True,
+                "_x402_internal": True,
+                # Bounded: the crawl waits for these answers before it sends anything.
+                "dont_retry": True,
+                "download_timeout": STATUS_DEADLINE,
+            },
             dont_filter=True,
         )
         assert self.crawler.engine is not None

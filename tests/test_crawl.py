@@ -490,10 +490,19 @@ async def test_a_paid_request_is_never_conditional_whoever_made_it_so(
     assert served == {r[0] for r in ledger_rows(settings) if r[1] == Status.ACCEPTED}
 
 
-@pytest.mark.parametrize("retry", [False, True], ids=["no_retry", "retried"])
+@pytest.mark.parametrize(
+    ("retry", "policy", "reason"),
+    [
+        (False, {}, "ResponseDataLossError"),
+        (True, {}, "nonce_reused"),
+        # The served page is now the payer's debt: the retry fails the credit check first.
+        (True, {"credit_limit": 10_000}, "credit_limit_exceeded"),
+    ],
+    ids=["no_retry", "retried", "retried_over_credit"],
+)
 @deferred_f_from_coro_f
 async def test_a_paid_page_cut_off_after_its_status_line_stays_in_doubt_until_asked(
-    tmp_path, x402_settings, token, payees, retry
+    tmp_path, x402_settings, token, payees, retry, policy, reason
 ):
     """A publisher is owed the page once its 2xx status line is sent, even if the
     connection then drops (docs section 6). The crawler cannot know, so the payment stays
@@ -502,7 +511,8 @@ async def test_a_paid_page_cut_off_after_its_status_line_stays_in_doubt_until_as
     from scrapy_x402._recovery import resolve_in_doubt
     from scrapy_x402.payments import PaymentBook
 
-    config = sections(token, payees, cut={"payee": payees[2], "price": 10_000, "cut": True})
+    cut = {"payee": payees[2], "price": 10_000, "cut": True, "policy": policy}
+    config = sections(token, payees, cut=cut)
     settings = {**x402_settings, "RETRY_ENABLED": retry, "X402_SETTLE_ON_CLOSE": False}
     with MockServer(config, tmp_path) as server:
         crawler, items = await crawl(settings, [f"{server.url}/cut/1"])
@@ -510,7 +520,6 @@ async def test_a_paid_page_cut_off_after_its_status_line_stays_in_doubt_until_as
         assert items == []
         assert stats["x402/payment_signed"] == 1  # one commitment, never a second for the page
         assert "x402/payment_count" not in stats  # nothing confirmed
-        reason = "nonce_reused" if retry else "ResponseDataLossError"
         assert stats[f"x402/payment_in_doubt/{reason}"] == 1
         assert not any(
             k.startswith(("x402/payment_failed", "x402/payment_rejected")) for k in stats

@@ -358,3 +358,55 @@ def test_a_host_header_that_names_another_path_is_refused(tmp_path):
         )
         assert answer.startswith(b"HTTP/1.0 402 "), answer[:200]
         assert server.served() == []
+
+
+def test_a_status_asked_while_another_process_serves_is_never_a_final_no(tmp_path):
+    """Two processes share the book and the nonce store; one serves (book, then nonce) while
+    the other answers the status endpoint. Whatever the interleaving, the answer is "in
+    flight" or "accepted", never "not accepted" and not in flight (review: read in the other
+    order, it was)."""
+    from scrapy_x402.paywall import CommitmentBook, CommitmentStatusResource, SQLiteNonceStore
+
+    payee = Account.create().address
+    verifier = DeferredVerifier(
+        "eip155:31337", TOKEN, payee, nonces=SQLiteNonceStore(str(tmp_path / "n.sqlite3"))
+    )
+    serving_book = CommitmentBook(str(tmp_path / "book.sqlite3"))
+    header, commitment_id = commitment_for("http://news.example/news/1", payee)
+    commitment = verifier.verify(header, PRICE, "http://news.example/news/1")  # in flight
+
+    def serve() -> None:  # what _Sale.owed does in the serving process
+        serving_book.record(commitment, "http://news.example/news/1")
+        verifier.served(commitment)
+
+    class AskingBook(CommitmentBook):
+        """The status process's book: the serving process acts at each read."""
+
+        def accepted(self, commitment_id: str) -> bool:
+            before = super().accepted(commitment_id)
+            if not serving_book.accepted(commitment_id):
+                serve()
+            return before
+
+    status = CommitmentStatusResource(
+        AskingBook(str(tmp_path / "book.sqlite3")),
+        [SQLiteNonceStore(str(tmp_path / "n.sqlite3"))],
+    )
+    answer = json.loads(status.render_GET(twisted_request(b"/" + commitment_id.encode(), {})))
+    assert answer["accepted"] or answer["inFlight"], answer
+
+
+def test_a_request_target_that_is_no_path_is_refused(tmp_path):
+    """`GET .news/1` with `Host: site` would make a commitment for http://site.news/1 (another
+    host's page) buy /news/1."""
+    payee = Account.create().address
+    with MockServer(config(payee), tmp_path) as server:
+        host = urlsplit(server.url).netloc
+        header, _ = commitment_for(f"http://{host}.news/1", payee)
+        answer = raw_exchange(
+            server,
+            f"GET .news/1 HTTP/1.0\r\nHost: {host}\r\nPAYMENT-SIGNATURE: {header}\r\n\r\n".encode(),
+            until=b"\r\n\r\n",
+        )
+        assert not answer.startswith(b"HTTP/1.0 200 "), answer[:200]
+        assert server.served() == []

@@ -85,3 +85,38 @@ def test_in_flight_is_believed_only_until_a_publisher_must_have_forgotten_it(
     assert resolution.unknown == [fresh.id]  # may still be served: stays counted
     assert resolution.refused == [stale.id]  # no honest publisher still answers it
     assert book.store.get_status(stale.id) != Status.RESERVED
+
+
+def test_a_publisher_dripping_its_status_answer_cannot_hold_settlement(book, monkeypatch):
+    """urllib's timeout is per read: an answer sent a byte at a time would hold `settle` (and
+    every other payee's settlement) for as long as the publisher likes."""
+    import scrapy_x402._recovery
+
+    done = threading.Event()
+
+    class Drip(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            try:
+                self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+                for _ in range(100):  # 20 s of a header that never ends
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)  # the hostile publisher's pace, not the test's timing
+            finally:
+                done.set()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(scrapy_x402._recovery, "STATUS_DEADLINE", 1)
+    try:
+        slow = replace(record(1), url=f"http://127.0.0.1:{server.server_address[1]}/page/1")
+        book.reserve(slow, PLENTY)
+        resolution = resolve_in_doubt(book)
+        assert not done.is_set()  # given up long before the publisher was done
+        assert resolution.unknown == [slow.id]
+    finally:
+        server.shutdown()
+        server.server_close()

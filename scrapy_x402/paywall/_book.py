@@ -227,8 +227,11 @@ class CommitmentStatusResource(Resource):
         if len(commitment_id) != 66 or not commitment_id.startswith("0x"):
             request.setResponseCode(400)
             return b'{"error": "not a commitment id"}'
+        # In flight first, then the book: a serving process writes the book before it marks
+        # the nonce served, so read in this order no answer is "not served" during a 2xx.
+        in_flight = any(n.in_flight(commitment_id) for n in self.nonces)
         accepted = self.book.accepted(commitment_id)
-        in_flight = not accepted and any(n.in_flight(commitment_id) for n in self.nonces)
+        in_flight = in_flight and not accepted
         return json.dumps(
             {"id": commitment_id, "accepted": accepted, "inFlight": in_flight}
         ).encode()

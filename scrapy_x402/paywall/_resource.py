@@ -180,6 +180,8 @@ def request_url(request: Request, errors: str = "strict") -> str:
     host = (request.getHeader(b"host") or b"").strip().decode("ascii", errors)
     if errors == "strict" and not _HOST.fullmatch(host):
         raise ValueError("the Host header is not a host")
+    if errors == "strict" and not request.uri.startswith(b"/"):
+        raise ValueError("the request target is not a path")  # "GET .x" would extend the host
     return f"{scheme}://{host}{request.uri.decode('latin-1')}"
 
 
