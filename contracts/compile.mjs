@@ -6,8 +6,16 @@ import { fileURLToPath } from "node:url";
 import solc from "solc";
 
 const here = dirname(fileURLToPath(import.meta.url));
-const files = ["TestUSD.sol", "Permit2Lite.sol"];
-const wanted = ["TestUSD", "Permit2Lite", "X402ExactPermit2ProxyLite", "X402UptoPermit2ProxyLite"];
+const files = ["TestUSD.sol", "Permit2Lite.sol", "X402BatchSettlementLite.sol"];
+const wanted = [
+  "TestUSD",
+  "Permit2Lite",
+  "X402ExactPermit2ProxyLite",
+  "X402UptoPermit2ProxyLite",
+  "X402BatchSettlementLite",
+  "ERC3009DepositCollectorLite",
+  "Multicall3Lite",
+];
 const input = {
   language: "Solidity",
   sources: Object.fromEntries(files.map((f) => [f, { content: readFileSync(join(here, f), "utf8") }])),

@@ -24,6 +24,10 @@ CHAIN_ID = 31337
 PERMIT2 = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
 EXACT_PERMIT2_PROXY = "0x402085c248EeA27D92E8b30b2C58ed07f9E20001"
 UPTO_PERMIT2_PROXY = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
+# Where the x402 SDKs expect the batch-settlement contracts, and Multicall3 (which they read through).
+BATCH_SETTLEMENT = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
+ERC3009_DEPOSIT_COLLECTOR = "0x4020806089470a89826cB9fB1f4059150b550004"
+MULTICALL3 = "0xcA11bde05977b3631167028862bE2a173976CA11"
 
 
 def find_anvil() -> str:
@@ -108,11 +112,24 @@ class Anvil:
     def install_permit2(self) -> None:
         """Put Permit2 and x402's exact and upto Permit2 proxies at their canonical addresses
         (test doubles from contracts/Permit2Lite.sol)."""
-        for address, name in (
+        self._install(
             (PERMIT2, "Permit2Lite"),
             (EXACT_PERMIT2_PROXY, "X402ExactPermit2ProxyLite"),
             (UPTO_PERMIT2_PROXY, "X402UptoPermit2ProxyLite"),
-        ):
+        )
+
+    def install_batch_settlement(self) -> None:
+        """Put x402's batch-settlement contract, its EIP-3009 deposit collector and Multicall3 at
+        their canonical addresses (test doubles from contracts/X402BatchSettlementLite.sol;
+        no Permit2 deposit collector)."""
+        self._install(
+            (BATCH_SETTLEMENT, "X402BatchSettlementLite"),
+            (ERC3009_DEPOSIT_COLLECTOR, "ERC3009DepositCollectorLite"),
+            (MULTICALL3, "Multicall3Lite"),
+        )
+
+    def _install(self, *contracts: tuple[str, str]) -> None:
+        for address, name in contracts:
             code = _artifact(name)["deployedBytecode"]
             self.w3.provider.make_request("anvil_setCode", [address, code])  # type: ignore[arg-type]
 
