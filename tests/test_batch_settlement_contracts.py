@@ -5,12 +5,20 @@ contract's: each one is shown to revert on-chain, with the rule's own reason."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import requests
 from eth_account import Account
+from flask import Flask
 from web3.logs import DISCARD
+from werkzeug.serving import make_server
+from x402 import x402ClientSync, x402FacilitatorSync, x402ResourceServerSync
+from x402.http.clients import x402_requests
+from x402.http.middleware.flask import payment_middleware
+from x402.http.types import PaymentOption, RouteConfig
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.batch_settlement import constants as sdk_constants
 from x402.mechanisms.evm.batch_settlement.abi import BATCH_SETTLEMENT_ABI
@@ -21,6 +29,7 @@ from x402.mechanisms.evm.batch_settlement.authorizer_signer import (
 from x402.mechanisms.evm.batch_settlement.client import (
     BatchSettlementEvmScheme,
     BatchSettlementEvmSchemeOptions,
+    RefundOptions,
     create_batch_settlement_eip3009_deposit_payload,
     sign_voucher,
 )
@@ -36,6 +45,13 @@ from x402.mechanisms.evm.batch_settlement.facilitator.deposit_eip3009 import (
 from x402.mechanisms.evm.batch_settlement.facilitator.utils import (
     to_contract_channel_config,
 )
+from x402.mechanisms.evm.batch_settlement.server import BatchSettlementChannelManagerSync
+from x402.mechanisms.evm.batch_settlement.server import (
+    BatchSettlementEvmScheme as BatchSettlementServerScheme,
+)
+from x402.mechanisms.evm.batch_settlement.server.channel_manager_common import (
+    ChannelManagerConfigSync,
+)
 from x402.mechanisms.evm.batch_settlement.types import (
     ChannelConfig,
     ClaimPayload,
@@ -47,6 +63,7 @@ from x402.mechanisms.evm.batch_settlement.types import (
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
+from x402.schemas.base import AssetAmount
 
 from scrapy_x402.devchain import (
     BATCH_SETTLEMENT,
@@ -338,3 +355,75 @@ def test_the_voucher_signer_is_the_one_the_config_commits_to(
         channel.claim_row(channel.voucher(PRICE, signer=voucher_key), PRICE)
     ).success
     assert channel.state()[1] == PRICE
+
+
+class _Fetched:
+    """What the SDK client's refund needs of an HTTP response (its default fetch needs httpx)."""
+
+    def __init__(self, response: requests.Response):
+        self.status = response.status_code
+        self.headers = dict(response.headers)
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers.items() if k.lower() == name.lower()), None)
+
+
+def test_end_to_end_with_the_sdk_http_server_and_client(chain: Anvil, token: TestUSD, payer: Any):
+    """The SDK's Flask middleware and batch-settlement server, its facilitator and its requests
+    client, all on the doubles: pages are served on vouchers, the receiver's channel manager
+    claims and settles, and the client's cooperative refund returns the unused deposit."""
+    chain.install_batch_settlement()
+    network = f"eip155:{chain.chain_id}"
+    receiver = Account.create().address
+    facilitator = x402FacilitatorSync()
+    facilitator.register(
+        [network],
+        BatchSettlementEvmFacilitator(
+            FacilitatorWeb3Signer(private_key=chain.new_account().key.hex(), rpc_url=chain.url),
+            authorizer_signer=LocalAuthorizerSigner(Account.create()),
+        ),
+    )
+    server_scheme = BatchSettlementServerScheme(receiver)
+    server = x402ResourceServerSync(facilitator)
+    server.register(network, server_scheme)
+    price = AssetAmount(
+        amount=str(PRICE), asset=token.address, extra={"name": "Test USD", "version": "2"}
+    )
+    option = PaymentOption(scheme="batch-settlement", pay_to=receiver, price=price, network=network)
+    app = Flask(__name__)
+    app.add_url_rule("/articles/<n>", "article", lambda n: f"article {n}")
+    payment_middleware(app, {"GET /articles/*": RouteConfig(accepts=option)}, server)
+    http = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    site = f"http://127.0.0.1:{http.server_port}"
+    try:
+        client_scheme = BatchSettlementEvmScheme(payer)
+        client = x402ClientSync().register(network, client_scheme)
+        client.set_spend_controls({"allowed_assets": True})  # TestUSD is no SDK default asset
+        session = x402_requests(client)
+        funds = token.balance_of(payer.address)
+        for page in range(PAGES):
+            response = session.get(f"{site}/articles/{page}")
+            assert response.status_code == 200 and response.text == f"article {page}"
+        deposited = funds - token.balance_of(payer.address)
+        assert deposited >= PAGES * PRICE  # one deposit, then vouchers only
+        assert token.balance_of(BATCH_SETTLEMENT) >= deposited
+
+        manager = BatchSettlementChannelManagerSync(
+            ChannelManagerConfigSync(
+                scheme=server_scheme,
+                facilitator=facilitator,
+                receiver=receiver,
+                token=token.address,
+                network=network,
+            )
+        )
+        manager.claim_and_settle()
+        assert token.balance_of(receiver) == PAGES * PRICE
+
+        fetch = lambda url, headers: _Fetched(requests.get(url, headers=headers, timeout=30))  # noqa: E731
+        refunded = client_scheme.refund(f"{site}/articles/0", RefundOptions(fetch=fetch))
+        assert refunded.success, refunded
+        assert token.balance_of(payer.address) == funds - PAGES * PRICE
+    finally:
+        http.shutdown()
