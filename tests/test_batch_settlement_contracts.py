@@ -25,6 +25,7 @@ from x402.mechanisms.evm.batch_settlement.abi import BATCH_SETTLEMENT_ABI
 from x402.mechanisms.evm.batch_settlement.authorizer_signer import (
     LocalAuthorizerSigner,
     sign_claim_batch,
+    sign_refund,
 )
 from x402.mechanisms.evm.batch_settlement.client import (
     BatchSettlementEvmScheme,
@@ -234,9 +235,15 @@ def test_deposit_vouchers_claim_settle_and_refund_with_the_sdk(channel: Channel)
     assert channel.state() == (PAGES * PRICE, PAGES * PRICE)
     assert channel.contract.functions.refundNonce(bytes.fromhex(channel.id[2:])).call() == 1
 
-    # The same refund signature cannot be replayed: the nonce moved on.
-    replay = channel.facilitator.settle(channel.pay(refund.to_dict()), channel.requirements)
-    assert not replay.success
+    # The contract itself refuses a replayed refund signature (the nonce moved on) and one not
+    # signed by the receiverAuthorizer (the facilitator would not even send these).
+    config = to_contract_channel_config(channel.config)
+    old = sign_refund(channel.authorizer, channel.id, 1, 0, channel.network)
+    with pytest.raises(Exception, match="refund: wrong nonce"):
+        channel.call(payer, "refundWithSignature", config, 1, 0, bytes.fromhex(old[2:]))
+    forged = sign_refund(LocalAuthorizerSigner(payer), channel.id, 1, 1, channel.network)
+    with pytest.raises(Exception, match="refund: bad authorizer signature"):
+        channel.call(payer, "refundWithSignature", config, 1, 1, bytes.fromhex(forged[2:]))
 
 
 def test_the_contract_refuses_claims_the_vouchers_do_not_back(channel: Channel) -> None:
