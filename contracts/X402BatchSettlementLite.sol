@@ -404,6 +404,65 @@ contract ERC3009DepositCollectorLite {
     }
 }
 
+interface IPermit2SignatureTransfer {
+    struct TokenPermissions {
+        address token;
+        uint256 amount;
+    }
+
+    struct PermitTransferFrom {
+        TokenPermissions permitted;
+        uint256 nonce;
+        uint256 deadline;
+    }
+
+    struct SignatureTransferDetails {
+        address to;
+        uint256 requestedAmount;
+    }
+
+    function permitWitnessTransferFrom(
+        PermitTransferFrom calldata permit,
+        SignatureTransferDetails calldata transferDetails,
+        address owner,
+        bytes32 witness,
+        string calldata witnessTypeString,
+        bytes calldata signature
+    ) external;
+}
+
+// Pulls a Permit2 deposit: the payer signed PermitWitnessTransferFrom with this collector as
+// spender and the witness DepositWitness(channelId), so the signature is good for one channel
+// only; Permit2 sends the tokens straight to the settlement contract. The optional EIP-2612
+// permit segment (gasless Permit2 approval) is not supported: the payer approves Permit2 itself.
+contract Permit2DepositCollectorLite {
+    address public constant SETTLEMENT = 0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003;
+    address public constant PERMIT2 = 0x000000000022D473030F116dDEE9F6B43aC78BA3;
+    bytes32 private constant DEPOSIT_WITNESS_TYPEHASH = keccak256("DepositWitness(bytes32 channelId)");
+    // EIP-712 lists referenced types alphabetically: DepositWitness before TokenPermissions.
+    string private constant WITNESS_TYPE_STRING =
+        "DepositWitness witness)DepositWitness(bytes32 channelId)TokenPermissions(address token,uint256 amount)";
+
+    function collect(address payer, address token, uint256 amount, bytes32 channelId, bytes calldata collectorData)
+        external
+    {
+        require(msg.sender == SETTLEMENT, "collector: only the settlement contract");
+        (uint256 nonce, uint256 deadline, bytes memory signature, bytes memory eip2612Permit) =
+            abi.decode(collectorData, (uint256, uint256, bytes, bytes));
+        require(eip2612Permit.length == 0, "collector: EIP-2612 permit not supported by this double");
+        IPermit2SignatureTransfer(PERMIT2).permitWitnessTransferFrom(
+            IPermit2SignatureTransfer.PermitTransferFrom(
+                IPermit2SignatureTransfer.TokenPermissions(token, amount), nonce, deadline
+            ),
+            IPermit2SignatureTransfer.SignatureTransferDetails(SETTLEMENT, amount),
+            payer,
+            keccak256(abi.encode(DEPOSIT_WITNESS_TYPEHASH, channelId)),
+            WITNESS_TYPE_STRING,
+            signature
+        );
+    }
+}
+
 // Multicall3's tryAggregate (the SDK reads channel state through it at its canonical address).
 contract Multicall3Lite {
     struct Call {

@@ -14,6 +14,7 @@ const wanted = [
   "X402UptoPermit2ProxyLite",
   "X402BatchSettlementLite",
   "ERC3009DepositCollectorLite",
+  "Permit2DepositCollectorLite",
   "Multicall3Lite",
 ];
 const input = {

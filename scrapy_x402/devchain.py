@@ -27,6 +27,7 @@ UPTO_PERMIT2_PROXY = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
 # Where the x402 SDKs expect the batch-settlement contracts, and Multicall3 (which they read through).
 BATCH_SETTLEMENT = "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003"
 ERC3009_DEPOSIT_COLLECTOR = "0x4020806089470a89826cB9fB1f4059150b550004"
+PERMIT2_DEPOSIT_COLLECTOR = "0x4020425FAf3B746C082C2f942b4E5159887B0005"
 MULTICALL3 = "0xcA11bde05977b3631167028862bE2a173976CA11"
 
 
@@ -119,12 +120,13 @@ class Anvil:
         )
 
     def install_batch_settlement(self) -> None:
-        """Put x402's batch-settlement contract, its EIP-3009 deposit collector and Multicall3 at
-        their canonical addresses (test doubles from contracts/X402BatchSettlementLite.sol;
-        no Permit2 deposit collector)."""
+        """Put x402's batch-settlement contract, its EIP-3009 and Permit2 deposit collectors and
+        Multicall3 at their canonical addresses (test doubles from
+        contracts/X402BatchSettlementLite.sol; Permit2 deposits also need install_permit2)."""
         self._install(
             (BATCH_SETTLEMENT, "X402BatchSettlementLite"),
             (ERC3009_DEPOSIT_COLLECTOR, "ERC3009DepositCollectorLite"),
+            (PERMIT2_DEPOSIT_COLLECTOR, "Permit2DepositCollectorLite"),
             (MULTICALL3, "Multicall3Lite"),
         )
 

@@ -69,6 +69,8 @@ from x402.schemas.base import AssetAmount
 from scrapy_x402.devchain import (
     BATCH_SETTLEMENT,
     ERC3009_DEPOSIT_COLLECTOR,
+    PERMIT2,
+    PERMIT2_DEPOSIT_COLLECTOR,
     Anvil,
     TestUSD,
     _artifact,
@@ -82,6 +84,7 @@ WITHDRAW_DELAY = 900
 def test_the_doubles_sit_where_the_sdk_expects_them() -> None:
     assert BATCH_SETTLEMENT == sdk_constants.BATCH_SETTLEMENT_ADDRESS
     assert ERC3009_DEPOSIT_COLLECTOR == sdk_constants.ERC3009_DEPOSIT_COLLECTOR_ADDRESS
+    assert PERMIT2_DEPOSIT_COLLECTOR == sdk_constants.PERMIT2_DEPOSIT_COLLECTOR_ADDRESS
 
 
 class Channel:
@@ -93,6 +96,7 @@ class Channel:
         token: TestUSD,
         payer: Any,
         options: BatchSettlementEvmSchemeOptions | None = None,
+        **extra: Any,
     ):
         chain.install_batch_settlement()
         self.chain, self.token, self.payer = chain, token, payer
@@ -115,6 +119,7 @@ class Channel:
                 "version": "2",
                 "receiverAuthorizer": self.authorizer.address,
                 "withdrawDelay": WITHDRAW_DELAY,
+                **extra,
             },
         )
         self.client = BatchSettlementEvmScheme(payer, options)
@@ -297,6 +302,21 @@ def test_deposits_outside_the_withdraw_delay_bounds_are_refused(channel: Channel
                 sdk_constants.ERC3009_DEPOSIT_COLLECTOR_ADDRESS,
                 build_eip3009_deposit_collector_data(payload),
             )
+
+
+def test_a_permit2_deposit_goes_through_the_permit2_collector(
+    chain: Anvil, token: TestUSD, payer: Any
+) -> None:
+    chain.install_permit2()
+    token.approve(payer, PERMIT2)
+    channel = Channel(chain, token, payer, assetTransferMethod="permit2")
+    funds = token.balance_of(payer.address)
+    deposit = channel.open()
+    assert token.balance_of(payer.address) == funds - deposit
+    assert channel.state() == (deposit, 0)
+    assert channel.claim(channel.claim_row(channel.voucher(PRICE), PRICE)).success
+    assert channel.settle().success
+    assert token.balance_of(channel.receiver) == PRICE
 
 
 @pytest.fixture
