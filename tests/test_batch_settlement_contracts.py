@@ -319,6 +319,39 @@ def test_a_permit2_deposit_goes_through_the_permit2_collector(
     assert token.balance_of(channel.receiver) == PRICE
 
 
+def test_a_deposit_authorization_is_bound_to_its_channel_and_collector(channel: Channel) -> None:
+    payload = create_batch_settlement_eip3009_deposit_payload(
+        EthAccountSigner(channel.payer), channel.requirements, channel.config, 5 * PRICE, PRICE
+    )
+    data = build_eip3009_deposit_collector_data(payload)
+    other = ChannelConfig(**{**vars(channel.config), "salt": "0x" + "11" * 32})
+    with pytest.raises(Exception, match="TestUSD: invalid signature"):  # nonce binds channelId
+        channel.call(
+            channel.payer,
+            "deposit",
+            to_contract_channel_config(other),
+            5 * PRICE,
+            ERC3009_DEPOSIT_COLLECTOR,
+            data,
+        )
+    collector = channel.chain.w3.eth.contract(
+        address=ERC3009_DEPOSIT_COLLECTOR, abi=_artifact("ERC3009DepositCollectorLite")["abi"]
+    )
+    call = collector.encode_abi(
+        "collect",
+        [
+            channel.payer.address,
+            channel.token.address,
+            5 * PRICE,
+            bytes.fromhex(channel.id[2:]),
+            data,
+        ],
+    )
+    with pytest.raises(Exception, match="only the settlement contract"):
+        channel.chain.transact(channel.payer, {"to": ERC3009_DEPOSIT_COLLECTOR, "data": call})
+    assert channel.state() == (0, 0)
+
+
 @pytest.fixture
 def own_chain() -> Iterator[Anvil]:
     """A chain of its own: this test moves the clock forward."""
