@@ -15,7 +15,7 @@ import pytest
 import requests
 from eth_account import Account
 from eth_account.messages import encode_typed_data
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
 from flask import Flask
 from werkzeug.serving import make_server
 from x402 import x402FacilitatorSync, x402ResourceServerSync
@@ -114,7 +114,8 @@ class Publisher:
         self.requirements = PaymentRequirements.model_validate(self.raw)
         self.offer = offer_of(self.raw)
         self.contract = chain.w3.eth.contract(
-            address=BATCH_SETTLEMENT, abi=_artifact("X402BatchSettlementLite")["abi"]
+            address=to_checksum_address(BATCH_SETTLEMENT),
+            abi=_artifact("X402BatchSettlementLite")["abi"],
         )
 
     def pay(self, payload: dict[str, Any]) -> PaymentPayload:

@@ -5,6 +5,8 @@ vouchers, the deposit / voucher / refund payloads, and the check of a corrective
 signed voucher state. (``batch_settlement.py`` is Cloudflare's credit-backed rail.)
 
 Amounts are ints within uint128, addresses checksummed; JSON numbers leave as decimal strings.
+What a server sent and cannot be trusted raises InvalidChallenge; a bad amount of our own
+(out of uint128, not an int) raises ValueError.
 """
 
 from __future__ import annotations
