@@ -5,20 +5,15 @@ contract's: each one is shown to revert on-chain, with the rule's own reason."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
 from eth_account import Account
-from flask import Flask
 from web3.logs import DISCARD
-from werkzeug.serving import make_server
-from x402 import x402ClientSync, x402FacilitatorSync, x402ResourceServerSync
+from x402 import x402ClientSync
 from x402.http.clients import x402_requests
-from x402.http.middleware.flask import payment_middleware
-from x402.http.types import PaymentOption, RouteConfig
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.batch_settlement import constants as sdk_constants
 from x402.mechanisms.evm.batch_settlement.abi import BATCH_SETTLEMENT_ABI
@@ -46,13 +41,6 @@ from x402.mechanisms.evm.batch_settlement.facilitator.deposit_eip3009 import (
 from x402.mechanisms.evm.batch_settlement.facilitator.utils import (
     to_contract_channel_config,
 )
-from x402.mechanisms.evm.batch_settlement.server import BatchSettlementChannelManagerSync
-from x402.mechanisms.evm.batch_settlement.server import (
-    BatchSettlementEvmScheme as BatchSettlementServerScheme,
-)
-from x402.mechanisms.evm.batch_settlement.server.channel_manager_common import (
-    ChannelManagerConfigSync,
-)
 from x402.mechanisms.evm.batch_settlement.types import (
     ChannelConfig,
     ClaimPayload,
@@ -64,7 +52,6 @@ from x402.mechanisms.evm.batch_settlement.types import (
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.mechanisms.evm.signers import EthAccountSigner
 from x402.schemas import PaymentPayload, PaymentRequirements, SettleResponse
-from x402.schemas.base import AssetAmount
 
 from scrapy_x402.devchain import (
     BATCH_SETTLEMENT,
@@ -75,6 +62,7 @@ from scrapy_x402.devchain import (
     TestUSD,
     _artifact,
 )
+from tests.batch_site import sdk_batch_site
 
 PRICE = 10_000  # 0.01 tUSD per page
 PAGES = 3
@@ -432,31 +420,8 @@ def test_end_to_end_with_the_sdk_http_server_and_client(chain: Anvil, token: Tes
     """The SDK's Flask middleware and batch-settlement server, its facilitator and its requests
     client, all on the doubles: pages are served on vouchers, the receiver's channel manager
     claims and settles, and the client's cooperative refund returns the unused deposit."""
-    chain.install_batch_settlement()
-    network = f"eip155:{chain.chain_id}"
-    receiver = Account.create().address
-    facilitator = x402FacilitatorSync()
-    facilitator.register(
-        [network],
-        BatchSettlementEvmFacilitator(
-            FacilitatorWeb3Signer(private_key=chain.new_account().key.hex(), rpc_url=chain.url),
-            authorizer_signer=LocalAuthorizerSigner(Account.create()),
-        ),
-    )
-    server_scheme = BatchSettlementServerScheme(receiver)
-    server = x402ResourceServerSync(facilitator)
-    server.register(network, server_scheme)
-    price = AssetAmount(
-        amount=str(PRICE), asset=token.address, extra={"name": "Test USD", "version": "2"}
-    )
-    option = PaymentOption(scheme="batch-settlement", pay_to=receiver, price=price, network=network)
-    app = Flask(__name__)
-    app.add_url_rule("/articles/<n>", "article", lambda n: f"article {n}")
-    payment_middleware(app, {"GET /articles/*": RouteConfig(accepts=option)}, server)
-    http = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    site = f"http://127.0.0.1:{http.server_port}"
-    try:
+    with sdk_batch_site(chain, token, PRICE) as publisher:
+        site, network, receiver = publisher.url, publisher.network, publisher.receiver
         client_scheme = BatchSettlementEvmScheme(payer)
         client = x402ClientSync().register(network, client_scheme)
         client.set_spend_controls({"allowed_assets": True})  # TestUSD is no SDK default asset
@@ -469,21 +434,10 @@ def test_end_to_end_with_the_sdk_http_server_and_client(chain: Anvil, token: Tes
         assert deposited >= PAGES * PRICE  # one deposit, then vouchers only
         assert token.balance_of(BATCH_SETTLEMENT) >= deposited
 
-        manager = BatchSettlementChannelManagerSync(
-            ChannelManagerConfigSync(
-                scheme=server_scheme,
-                facilitator=facilitator,
-                receiver=receiver,
-                token=token.address,
-                network=network,
-            )
-        )
-        manager.claim_and_settle()
+        publisher.manager.claim_and_settle()
         assert token.balance_of(receiver) == PAGES * PRICE
 
         fetch = lambda url, headers: _Fetched(requests.get(url, headers=headers, timeout=30))  # noqa: E731
         refunded = client_scheme.refund(f"{site}/articles/0", RefundOptions(fetch=fetch))
         assert refunded.success, refunded
         assert token.balance_of(payer.address) == funds - PAGES * PRICE
-    finally:
-        http.shutdown()

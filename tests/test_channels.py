@@ -5,7 +5,6 @@ with the contract doubles at the canonical addresses."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -16,25 +15,11 @@ import requests
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_utils import keccak, to_checksum_address
-from flask import Flask
-from werkzeug.serving import make_server
-from x402 import x402FacilitatorSync, x402ResourceServerSync
-from x402.http.middleware.flask import payment_middleware
-from x402.http.types import PaymentOption, RouteConfig
 from x402.mechanisms.evm import FacilitatorWeb3Signer
 from x402.mechanisms.evm.batch_settlement.authorizer_signer import LocalAuthorizerSigner
 from x402.mechanisms.evm.batch_settlement.encoding import build_erc3009_deposit_nonce
 from x402.mechanisms.evm.batch_settlement.facilitator import BatchSettlementEvmFacilitator
 from x402.mechanisms.evm.batch_settlement.facilitator.utils import to_contract_channel_config
-from x402.mechanisms.evm.batch_settlement.server import (
-    BatchSettlementChannelManagerSync,
-)
-from x402.mechanisms.evm.batch_settlement.server import (
-    BatchSettlementEvmScheme as BatchSettlementServerScheme,
-)
-from x402.mechanisms.evm.batch_settlement.server.channel_manager_common import (
-    ChannelManagerConfigSync,
-)
 from x402.mechanisms.evm.batch_settlement.types import (
     ChannelConfig as SdkChannelConfig,
 )
@@ -45,7 +30,6 @@ from x402.mechanisms.evm.batch_settlement.types import (
 )
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 from x402.schemas import PaymentPayload, PaymentRequirements
-from x402.schemas.base import AssetAmount
 
 from scrapy_x402._protocol import (
     InvalidChallenge,
@@ -68,6 +52,7 @@ from scrapy_x402.schemes._channels import (
     voucher_digest,
     voucher_payload,
 )
+from tests.batch_site import sdk_batch_site
 
 PRICE = 10_000
 DEPOSIT = 10 * PRICE
@@ -266,42 +251,8 @@ def test_deposit_and_cumulative_vouchers_pass_the_sdk_facilitator_and_are_claime
 @pytest.fixture
 def site(chain: Anvil, token: TestUSD) -> Iterator[tuple[str, Any]]:
     """The SDK's Flask middleware with its batch-settlement server scheme and facilitator."""
-    chain.install_batch_settlement()
-    network = f"eip155:{chain.chain_id}"
-    receiver = Account.create().address
-    facilitator = x402FacilitatorSync()
-    facilitator.register(
-        [network],
-        BatchSettlementEvmFacilitator(
-            FacilitatorWeb3Signer(private_key=chain.new_account().key.hex(), rpc_url=chain.url),
-            authorizer_signer=LocalAuthorizerSigner(Account.create()),
-        ),
-    )
-    scheme = BatchSettlementServerScheme(receiver)
-    server = x402ResourceServerSync(facilitator)
-    server.register(network, scheme)  # type: ignore[arg-type]  # the SDK's own typing
-    price = AssetAmount(
-        amount=str(PRICE), asset=token.address, extra={"name": "Test USD", "version": "2"}
-    )
-    option = PaymentOption(scheme="batch-settlement", pay_to=receiver, price=price, network=network)
-    app = Flask(__name__)
-    app.add_url_rule("/articles/<n>", "article", lambda n: f"article {n}")
-    payment_middleware(app, {"GET /articles/*": RouteConfig(accepts=option)}, server)
-    http = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    manager = BatchSettlementChannelManagerSync(
-        ChannelManagerConfigSync(
-            scheme=scheme,
-            facilitator=facilitator,
-            receiver=receiver,
-            token=token.address,
-            network=network,
-        )
-    )
-    try:
-        yield f"http://127.0.0.1:{http.server_port}", manager
-    finally:
-        http.shutdown()
+    with sdk_batch_site(chain, token, PRICE) as publisher:
+        yield publisher.url, publisher.manager
 
 
 def test_the_sdk_server_serves_our_vouchers_and_refunds_our_deposit(
