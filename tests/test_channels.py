@@ -394,3 +394,25 @@ def test_malformed_offers_raise_invalid_challenge(extra: dict[str, Any]) -> None
     raw["extra"] = {k: v for k, v in {**raw["extra"], **extra}.items() if v is not None}
     with pytest.raises(InvalidChallenge, match="batch-settlement offer"):
         ChannelConfig.from_offer(offer_of(raw), payer, payer, new_salt())
+
+
+@pytest.mark.parametrize("salt", ["0x" + "  " + "ab" * 31, "0x" + "ab" * 32 + "\n", "ab" * 33])
+def test_a_salt_that_is_not_exactly_32_bytes_of_hex_is_refused(salt: str) -> None:
+    """bytes.fromhex skips spaces: "0x  abab…" would pass as 31 bytes."""
+    payer = Account.create().address
+    raw = {
+        "scheme": "batch-settlement",
+        "network": "eip155:31337",
+        "amount": str(PRICE),
+        "asset": payer,
+        "payTo": payer,
+        "maxTimeoutSeconds": 300,
+        "extra": {
+            "name": "Test USD",
+            "version": "2",
+            "receiverAuthorizer": payer,
+            "withdrawDelay": WITHDRAW_DELAY,
+        },
+    }
+    with pytest.raises(InvalidChallenge, match="bytes32"):
+        ChannelConfig.from_offer(offer_of(raw), payer, payer, salt)

@@ -122,17 +122,19 @@ def validity(offer: Offer, now: int, max_timeout: int) -> int:
     return now + min(offer.max_timeout_seconds or max_timeout, max_timeout)
 
 
-_TX_HASH = re.compile(r"0x[0-9a-fA-F]{64}")  # fullmatch: "$" would allow a final newline
+_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
+
+
+def is_bytes32(value: Any) -> bool:
+    """0x and 64 hex digits, nothing else (fullmatch: ``bytes.fromhex`` would skip spaces,
+    ``$`` would allow a final newline): hashes, nonces, salts, ids."""
+    return isinstance(value, str) and _BYTES32.fullmatch(value) is not None
 
 
 def settled_transaction(receipt: Mapping[str, Any] | None) -> str | None:
     """The transaction of a SettlementResponse that says the payment succeeded on-chain."""
     receipt = receipt or {}
     transaction = receipt.get("transaction")
-    if (
-        receipt.get("success") is True
-        and isinstance(transaction, str)
-        and _TX_HASH.fullmatch(transaction)
-    ):
-        return transaction.lower()
+    if receipt.get("success") is True and is_bytes32(transaction):
+        return str(transaction).lower()
     return None

@@ -19,7 +19,7 @@ from typing import Any
 from eth_utils import is_hex_address, to_checksum_address
 
 from scrapy_x402._protocol import InvalidChallenge, Offer, parse_atomic
-from scrapy_x402.schemes._base import hex0x
+from scrapy_x402.schemes._base import hex0x, is_bytes32
 from scrapy_x402.schemes._eip712 import (
     address_word,
     bytes32,
@@ -59,13 +59,9 @@ def _address(value: Any, what: str) -> str:
 
 
 def _bytes32(value: Any, what: str) -> str:
-    if not (isinstance(value, str) and len(value) == 66 and value[:2] == "0x"):
+    if not is_bytes32(value):
         raise InvalidChallenge(f"{what} is not a 0x-prefixed bytes32")
-    try:
-        bytes.fromhex(value[2:])
-    except ValueError:
-        raise InvalidChallenge(f"{what} is not a 0x-prefixed bytes32") from None
-    return value.lower()
+    return str(value).lower()
 
 
 def _uint128(value: int, what: str, minimum: int = 0) -> int:

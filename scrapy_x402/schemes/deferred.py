@@ -6,7 +6,6 @@ its EIP-712 part: building, signing, recovering and identifying commitments.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from scrapy_x402.schemes._base import (
     SignedPayment,
     X402Scheme,
     hex0x,
+    is_bytes32,
     random_nonce,
     validity,
 )
@@ -152,12 +152,8 @@ class Commitment:
             raise InvalidCommitment("signature cannot be recovered") from None
 
 
-_BYTES32 = re.compile(r"0x[0-9a-fA-F]{64}")
-
-
 def _bytes32(value: Any) -> str:
-    # fullmatch: bytes.fromhex would skip spaces, "$" would allow a final newline
-    if not (isinstance(value, str) and _BYTES32.fullmatch(value)):
+    if not is_bytes32(value):
         raise InvalidCommitment("resource or nonce is not 32 bytes of hex")
     return value.lower()
 
