@@ -16,7 +16,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from eth_abi import encode as abi_encode
 from eth_typing import ChecksumAddress, HexStr
 from web3 import Web3
 from web3.exceptions import TransactionNotFound, Web3Exception
@@ -27,7 +26,7 @@ from scrapy_x402._redact import redact
 from scrapy_x402.ledger import IllegalTransition, OwedTotal, Settlement
 from scrapy_x402.ledger import SettlementStatus as S
 from scrapy_x402.payments import PaymentBook
-from scrapy_x402.schemes.deferred import MAX_SETTLEMENT_IDS, settlement_ids
+from scrapy_x402.schemes.deferred import MAX_SETTLEMENT_IDS, settlement_calldata
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")  # transfer(address,uint256)
 DEV_CHAINS = frozenset({"eip155:31337", "eip155:1337"})  # no reorgs: one confirmation will do
 
 
@@ -231,13 +229,7 @@ class Settler:
     def _sign_transfer(
         self, w3: Web3, owed: OwedTotal, nonce: int, fees: tuple[int, int]
     ) -> Settlement:
-        data = (
-            TRANSFER_SELECTOR
-            + abi_encode(["address", "uint256"], [owed.payee, owed.amount])
-            # Trailing bytes the token ignores: the ids of the commitments this transfer pays,
-            # so the payee reconciles it from the transaction alone (docs/deferred-scheme.md 8-9).
-            + settlement_ids(list(owed.payment_ids))
-        )
+        data = settlement_calldata(owed.payee, owed.amount, list(owed.payment_ids))
         tx: dict[str, Any] = {
             "from": self.account.address,
             "to": owed.asset,

@@ -19,14 +19,13 @@ from eth_utils import to_checksum_address
 from web3.exceptions import TransactionNotFound
 
 from scrapy_x402.schemes._eip712 import keccak
-from scrapy_x402.schemes.deferred import settlement_reference
+from scrapy_x402.schemes.deferred import TRANSFER_SELECTOR, settlement_reference
 
 if TYPE_CHECKING:
     from scrapy_x402.paywall._book import CommitmentBook
 
 logger = logging.getLogger(__name__)
 
-TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")  # transfer(address,uint256)
 TRANSFER_TOPIC = keccak(b"Transfer(address,address,uint256)")
 
 # What reconcile decided (Reconciliation.outcome).

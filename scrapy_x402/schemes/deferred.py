@@ -201,6 +201,14 @@ class DeferredScheme(X402Scheme):
 
 # Ids one settlement transfer may list: 16,000 bytes of calldata (docs section 8 says why).
 MAX_SETTLEMENT_IDS = 500
+TRANSFER_SELECTOR = bytes.fromhex("a9059cbb")  # ERC-20 transfer(address,uint256)
+
+
+def settlement_calldata(payee: str, total: int, commitment_ids: list[str]) -> bytes:
+    """A settlement transfer's input: ``transfer(payee, total) ‖ ids`` (docs section 8). The
+    token ignores the trailing ids; the payee reads them to reconcile (section 9)."""
+    arguments = address_word(payee) + total.to_bytes(32, "big")
+    return TRANSFER_SELECTOR + arguments + settlement_ids(commitment_ids)
 
 
 def settlement_ids(commitment_ids: list[str]) -> bytes:
